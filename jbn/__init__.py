@@ -1,0 +1,29 @@
+"""jbn: PyTorch-exact batch normalization for JAX and Flax.
+
+The functional core is :func:`batch_norm` with :func:`init`; the Flax linen modules
+:class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d` and
+:class:`SyncBatchNorm` wrap it; :func:`from_torch_state_dict` and
+:func:`to_torch_state_dict` move one layer's weights between PyTorch and Flax.
+"""
+
+from jbn._batch_norm import batch_norm as batch_norm
+from jbn._batch_norm import init as init
+from jbn._linen import BatchNorm1d as BatchNorm1d
+from jbn._linen import BatchNorm2d as BatchNorm2d
+from jbn._linen import BatchNorm3d as BatchNorm3d
+from jbn._linen import SyncBatchNorm as SyncBatchNorm
+from jbn._torch import from_torch_state_dict as from_torch_state_dict
+from jbn._torch import to_torch_state_dict as to_torch_state_dict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "SyncBatchNorm",
+    "batch_norm",
+    "from_torch_state_dict",
+    "init",
+    "to_torch_state_dict",
+]

@@ -1,0 +1,229 @@
+"""The functional core: ``init`` and ``batch_norm``, PyTorch's BatchNorm as a pure function."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from jax.typing import ArrayLike, DTypeLike
+
+from jbn import _checks
+from jbn._stats import STATS_NAME, batch_moments, channel_shape
+
+Params = Mapping[str, jax.Array]
+State = Mapping[str, jax.Array]
+
+
+def init(
+    num_features: int,
+    *,
+    affine: bool = True,
+    track_running_stats: bool = True,
+    dtype: DTypeLike = jnp.float32,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Creates the parameters and running statistics of a batch-norm layer, as PyTorch does.
+
+    Args:
+      num_features: C, the number of channels.
+      affine: whether the layer has a learnable ``weight`` and ``bias``.
+      track_running_stats: whether the layer keeps running statistics for evaluation.
+      dtype: dtype of ``weight`` and ``bias``. The running statistics are always float32.
+
+    Returns:
+      ``(params, state)``: ``params = {"weight": ones (C,), "bias": zeros (C,)}`` (``{}``
+      when ``affine=False``) and ``state = {"running_mean": zeros (C,) float32,
+      "running_var": ones (C,) float32, "num_batches_tracked": 0 () int32}`` (``{}`` when
+      ``track_running_stats=False``). The keys are those of PyTorch's ``state_dict``.
+    """
+    c = _checks.check_num_features(num_features)
+    params: dict[str, jax.Array] = {}
+    state: dict[str, jax.Array] = {}
+    if affine:
+        params = {"weight": jnp.ones((c,), dtype), "bias": jnp.zeros((c,), dtype)}
+    if track_running_stats:
+        state = {
+            "running_mean": jnp.zeros((c,), jnp.float32),
+            "running_var": jnp.ones((c,), jnp.float32),
+            "num_batches_tracked": jnp.zeros((), jnp.int32),
+        }
+    return params, state
+
+
+def batch_norm(
+    params: Params | None,
+    state: State | None,
+    x: ArrayLike,
+    train: bool,
+    *,
+    axis: int = 1,
+    eps: float = 1e-5,
+    momentum: float | None = 0.1,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    mask: ArrayLike | None = None,
+    dtype: DTypeLike | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Batch normalization with PyTorch's semantics, as a pure function.
+
+    Mirrors ``torch.nn.BatchNorm1d/2d/3d`` (and ``SyncBatchNorm`` with ``axis_name``):
+    in training the input is normalized with the batch mean and the *biased* batch
+    variance over every axis but ``axis``, and the running statistics are updated with
+    the *unbiased* variance, ``running = (1 - momentum) * running + momentum * batch``
+    (``momentum=None``: cumulative average with factor ``1 / num_batches_tracked``).
+    In evaluation the running statistics are used; without running statistics
+    (``state == {}``) the batch statistics are used in evaluation too.
+
+    Args:
+      params: ``{"weight": (C,), "bias": (C,)}`` or ``{}`` (``affine=False``).
+      state: ``{"running_mean": (C,), "running_var": (C,), "num_batches_tracked": ()}``
+        or ``{}`` (``track_running_stats=False``).
+      x: the input, a floating array of any rank with C channels on ``axis``:
+        ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ``(N, C, D, H, W)`` with
+        ``axis=1``, or channels-last ``(N, ..., C)`` with ``axis=-1``. An unbatched
+        sample ``(C, H, W)`` is a batch of one with ``axis=0``. bfloat16 and float16
+        are computed in float32.
+      train: a Python bool: training (batch statistics, state updated) or evaluation.
+      axis: the channel axis.
+      eps: added to the variance for numerical stability.
+      momentum: weight of the batch in the running statistics, or None for the
+        cumulative average.
+      axis_name: a mapped axis (``pmap``, ``shard_map``, ``vmap``) over which the
+        training statistics are those of the global batch (SyncBatchNorm), with one
+        collective. As in PyTorch, evaluation never synchronizes.
+      axis_index_groups: groups of device indices along ``axis_name`` that share
+        statistics (``pmap`` only), e.g. ``[[0, 1, 2, 3], [4, 5, 6, 7]]``.
+      mask: optional boolean array of ``x``'s shape without the channel axis (or
+        broadcastable to it with the same rank, e.g. ``(N, 1)`` for ``(N, C, L)``):
+        only positions where it is True enter the batch statistics and the count.
+        Outputs at masked positions are still computed with those statistics.
+      dtype: dtype of ``y``; defaults to ``x``'s dtype.
+
+    Returns:
+      ``(y, new_state)``: ``y`` of ``x``'s shape; ``new_state`` of ``state``'s
+      structure (equal to ``state`` in evaluation).
+
+    Raises:
+      ValueError: one value per channel in training, channel count differing from
+        the parameters, bad ``axis``, ``eps`` or ``momentum``, a misshapen ``mask``.
+      TypeError: a non-floating input or a non-bool ``train``.
+      NameError: ``axis_name`` not bound by an enclosing map.
+    """
+    params = {} if params is None else params
+    state = {} if state is None else state
+    train = _checks.check_train(train)
+    eps = _checks.check_eps(eps)
+    momentum = _checks.check_momentum(momentum)
+    axis = _checks.check_input(x, axis)
+    x = jnp.asarray(x)
+    _checks.check_variables(params, state, x.shape[axis], x.shape)
+    if mask is not None:
+        target = _checks.check_mask(mask, x.shape, axis)
+        mask = jnp.broadcast_to(jnp.asarray(mask), target)
+    out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+    compute = jnp.promote_types(x.dtype, jnp.float32)
+    weight, bias = params.get("weight"), params.get("bias")
+
+    use_batch_stats = train or not state
+    if not use_batch_stats:
+        mean = state["running_mean"].astype(compute)
+        invstd = jax.lax.rsqrt(state["running_var"].astype(compute) + eps)
+        y = _affine(x.astype(compute) - mean.reshape(channel_shape(x.ndim, axis)), invstd,
+                    weight, bias, axis, compute)
+        return y.astype(out_dtype), dict(state)
+
+    # PyTorch synchronizes only in training.
+    axis_name = axis_name if train else None
+    _check_count(x.shape, axis, mask, axis_name)
+    normalize = functools.partial(
+        _normalize_with_batch_stats,
+        axis=axis, eps=eps, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        compute=compute, out_dtype=out_dtype,
+    )
+    y, mean, m2, count = normalize(x, weight, bias, mask)
+    if not (train and state):
+        return y, dict(state)
+    return y, _update_state(state, mean, m2, count, momentum)
+
+
+def _affine(
+    centred: jax.Array, invstd: jax.Array, weight: jax.Array | None, bias: jax.Array | None,
+    axis: int, compute: jnp.dtype,
+) -> jax.Array:
+    """``centred * invstd * weight + bias`` with the (C,) factors folded first."""
+    cshape = channel_shape(centred.ndim, axis)
+    scale = invstd if weight is None else invstd * weight.astype(compute)
+    y = centred * scale.reshape(cshape)
+    if bias is not None:
+        y = y + bias.astype(compute).reshape(cshape)
+    return y
+
+
+def _normalize_with_batch_stats(
+    x: jax.Array, weight: jax.Array | None, bias: jax.Array | None, mask: jax.Array | None,
+    *, axis: int, eps: float, axis_name: Any, axis_index_groups: Any,
+    compute: jnp.dtype, out_dtype: jnp.dtype,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Normalizes ``x`` with its batch statistics; returns ``(y, mean, m2, count)``.
+
+    Differentiation keeps only ``x`` and O(C) statistics for the backward pass: the
+    computation is rematerialized except for the values named ``STATS_NAME``.
+    """
+
+    @functools.partial(
+        jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(STATS_NAME)
+    )
+    def forward(x, weight, bias, mask):
+        xc = x.astype(compute)
+        m = batch_moments(xc, axis, mask, axis_name, axis_index_groups)
+        invstd = checkpoint_name(
+            jax.lax.rsqrt(m.m2 / jnp.maximum(m.count, 1) + eps), STATS_NAME
+        )
+        cshape = channel_shape(x.ndim, axis)
+        centred = (xc - m.shift.reshape(cshape)) - m.offset.reshape(cshape)
+        y = _affine(centred, invstd, weight, bias, axis, compute).astype(out_dtype)
+        return y, m.mean, m.m2, m.count
+
+    return forward(x, weight, bias, mask)
+
+
+def _check_count(shape: tuple, axis: int, mask: Any, axis_name: Any) -> None:
+    """Raises PyTorch's error when the batch holds one value per channel."""
+    if axis_name is not None:
+        try:
+            devices = jax.lax.axis_size(axis_name)
+        except NameError as e:
+            raise NameError(
+                f"axis_name {axis_name!r} is not bound: call batch_norm inside jax.pmap, "
+                f"shard_map or jax.vmap with axis_name={axis_name!r}, or pass axis_name=None"
+            ) from e
+    else:
+        devices = 1
+    per_device = 1
+    for i, s in enumerate(shape):
+        if i != axis:
+            per_device *= s
+    if mask is None and per_device * devices <= 1:
+        raise _checks.too_few_values(shape)
+
+
+def _update_state(
+    state: State, mean: jax.Array, m2: jax.Array, count: jax.Array, momentum: float | None
+) -> dict[str, jax.Array]:
+    """PyTorch's running-statistics update, with the unbiased variance ``m2 / (n - 1)``."""
+    mean, m2, count = (jax.lax.stop_gradient(v) for v in (mean, m2, count))
+    tracked = state["num_batches_tracked"] + 1
+    if momentum is None:
+        factor = 1.0 / tracked.astype(jnp.float32)
+    else:
+        factor = jnp.float32(momentum)
+    unbiased = m2 / jnp.maximum(count - 1, 1)
+    running_mean, running_var = state["running_mean"], state["running_var"]
+    return {
+        "running_mean": ((1 - factor) * running_mean + factor * mean).astype(running_mean.dtype),
+        "running_var": ((1 - factor) * running_var + factor * unbiased).astype(running_var.dtype),
+        "num_batches_tracked": tracked.astype(state["num_batches_tracked"].dtype),
+    }

@@ -1,0 +1,138 @@
+"""Argument validation shared by the functional core and the modules.
+
+Every check runs at trace time on static information (shapes, dtypes, Python
+values) and raises with a message that names what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+PARAM_KEYS = ("weight", "bias")
+STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def check_num_features(num_features: Any) -> int:
+    """Returns ``num_features`` as an int, or raises if it is not a positive integer."""
+    if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
+        raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
+    if num_features < 1:
+        raise ValueError(f"num_features must be at least 1, got {num_features}")
+    return int(num_features)
+
+
+def check_eps(eps: Any) -> float:
+    """Returns ``eps`` as a float, or raises unless it is a finite number > 0."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    return float(eps)
+
+
+def check_momentum(momentum: Any) -> float | None:
+    """Returns ``momentum`` (None or a float in [0, 1]), or raises."""
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(
+        momentum, (int, float, np.floating, np.integer)
+    ):
+        raise TypeError(f"momentum must be a float in [0, 1] or None, got {type(momentum).__name__}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+    return float(momentum)
+
+
+def check_train(train: Any) -> bool:
+    """Returns ``train`` as a Python bool, or raises for traced or non-boolean values."""
+    if isinstance(train, (bool, np.bool_)):
+        return bool(train)
+    raise TypeError(
+        "train must be a Python bool (it selects the computation at trace time), got "
+        f"{type(train).__name__}; under jax.jit mark it static, e.g. static_argnames='train'"
+    )
+
+
+def check_input(x: Any, axis: int) -> int:
+    """Checks that ``x`` is a floating array with a valid channel ``axis``.
+
+    Returns:
+      The channel axis as a non-negative int.
+    """
+    dtype = getattr(x, "dtype", None)
+    shape = getattr(x, "shape", None)
+    if dtype is None or shape is None:
+        raise TypeError(f"expected an array input, got {type(x).__name__}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"batch norm expects a floating-point input (float32, bfloat16, float16, float64), "
+            f"got dtype {dtype}"
+        )
+    ndim = len(shape)
+    if ndim < 1:
+        raise ValueError(f"expected an input with a channel axis, got a scalar of shape {shape}")
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for input of shape {tuple(shape)}")
+    return int(axis) % ndim
+
+
+def check_variables(params: Any, state: Any, num_channels: int, shape: tuple) -> None:
+    """Checks that ``params`` and ``state`` hold PyTorch's keys with ``num_channels`` entries."""
+    for name, tree, keys in (("params", params, PARAM_KEYS), ("state", state, STATE_KEYS)):
+        if not isinstance(tree, Mapping):
+            raise TypeError(f"{name} must be a mapping, got {type(tree).__name__}")
+        present = set(tree)
+        if present and present != set(keys):
+            raise ValueError(
+                f"{name} must be empty or hold exactly the keys {list(keys)}, got {sorted(present)}"
+            )
+        for key in keys[:2] if present else ():
+            got = tuple(getattr(tree[key], "shape", ()))
+            if got != (num_channels,):
+                raise ValueError(
+                    f"the input has {num_channels} channels (shape {tuple(shape)}), but "
+                    f"{name}['{key}'] has shape {got}, i.e. num_features="
+                    f"{got[0] if len(got) == 1 else got}"
+                )
+    if state and tuple(getattr(state["num_batches_tracked"], "shape", ())) != ():
+        raise ValueError(
+            "state['num_batches_tracked'] must be a scalar, got shape "
+            f"{tuple(state['num_batches_tracked'].shape)}"
+        )
+
+
+def check_mask(mask: Any, shape: tuple, channel_axis: int) -> tuple:
+    """Checks a validity mask against the input's shape without its channel axis.
+
+    Returns:
+      The shape the mask broadcasts to: ``shape`` with the channel axis removed.
+    """
+    target = tuple(s for i, s in enumerate(shape) if i != channel_axis)
+    mshape = tuple(getattr(mask, "shape", ()))
+    dtype = getattr(mask, "dtype", None)
+    if dtype is None or dtype != jnp.bool_:
+        raise TypeError(f"mask must be a boolean array, got {dtype or type(mask).__name__}")
+    try:
+        ok = len(mshape) == len(target) and np.broadcast_shapes(mshape, target) == target
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"mask must have the input's shape without its channel axis, {target} (or broadcast "
+            f"to it with the same rank), got {mshape} for input of shape {tuple(shape)}"
+        )
+    return target
+
+
+def too_few_values(shape: tuple) -> ValueError:
+    """PyTorch's error for a batch with a single value per channel."""
+    return ValueError(
+        f"Expected more than 1 value per channel when training, got input of shape {tuple(shape)}"
+    )

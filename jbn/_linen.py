@@ -1,0 +1,168 @@
+"""Flax linen modules: thin wrappers that create the variables and call ``batch_norm``."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+from jbn import _checks
+from jbn._batch_norm import batch_norm
+
+
+class _BatchNorm(nn.Module):
+    """Shared fields and call of the batch-norm modules.
+
+    Attributes:
+      num_features: C, the number of channels.
+      eps: added to the variance for numerical stability.
+      momentum: weight of the batch in the running statistics; None for the
+        cumulative average (PyTorch's ``momentum=None``).
+      affine: whether to learn ``weight`` (ones) and ``bias`` (zeros) in ``params``.
+      track_running_stats: whether to keep ``running_mean``, ``running_var`` and
+        ``num_batches_tracked`` in ``batch_stats``; without them evaluation uses the
+        batch statistics.
+      axis: the channel axis: 1 for PyTorch's channels-first layout, -1 for
+        channels-last (Flax's NHWC).
+      axis_name: mapped axis over which training statistics are synchronized.
+      axis_index_groups: groups of devices along ``axis_name`` that share statistics.
+      dtype: dtype of the output; None keeps the input's dtype.
+      param_dtype: dtype of ``weight`` and ``bias``.
+    """
+
+    num_features: int
+    eps: float = 1e-5
+    momentum: float | None = 0.1
+    affine: bool = True
+    track_running_stats: bool = True
+    axis: int = 1
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    dtype: DTypeLike | None = None
+    param_dtype: DTypeLike = jnp.float32
+
+    # Accepted input ranks: batched, and the unbatched rank treated as a batch of one.
+    _batched_ranks: ClassVar[tuple[int, ...] | None] = None
+    _unbatched_rank: ClassVar[int | None] = None
+
+    def __post_init__(self) -> None:
+        _checks.check_num_features(self.num_features)
+        _checks.check_eps(self.eps)
+        _checks.check_momentum(self.momentum)
+        super().__post_init__()
+
+    def _check_rank(self, ndim: int) -> None:
+        ranks = self._batched_ranks
+        if ranks is None:
+            return
+        accepted = sorted({*ranks, *(() if self._unbatched_rank is None else (self._unbatched_rank,))})
+        if ndim not in accepted:
+            expected = " or ".join(f"{r}D" for r in accepted)
+            raise ValueError(f"expected {expected} input (got {ndim}D input)")
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; in training also updates ``batch_stats`` (make it mutable).
+
+        Args:
+          x: input with ``num_features`` channels on ``axis``.
+          train: True for batch statistics (and updated running statistics), False
+            for the running statistics.
+          mask: optional boolean array of ``x``'s shape without the channel axis;
+            only True positions enter the statistics.
+
+        Returns:
+          ``y``, of ``x``'s shape.
+        """
+        x = jnp.asarray(x)
+        self._check_rank(x.ndim)
+        unbatched = self._unbatched_rank is not None and x.ndim == self._unbatched_rank
+        if unbatched:
+            x = x[None]
+            mask = None if mask is None else jnp.asarray(mask)[None]
+        c = self.num_features
+        params = {}
+        if self.affine:
+            params = {
+                "weight": self.param("weight", nn.initializers.ones, (c,), self.param_dtype),
+                "bias": self.param("bias", nn.initializers.zeros, (c,), self.param_dtype),
+            }
+        variables = {}
+        if self.track_running_stats:
+            variables = {
+                "running_mean": self.variable(
+                    "batch_stats", "running_mean", jnp.zeros, (c,), jnp.float32),
+                "running_var": self.variable(
+                    "batch_stats", "running_var", jnp.ones, (c,), jnp.float32),
+                "num_batches_tracked": self.variable(
+                    "batch_stats", "num_batches_tracked", jnp.zeros, (), jnp.int32),
+            }
+        initializing = self.is_initializing()
+        y, new_state = batch_norm(
+            params,
+            {k: v.value for k, v in variables.items()},
+            x,
+            train,
+            axis=self.axis,
+            eps=self.eps,
+            momentum=self.momentum,
+            # init neither synchronizes nor needs a bound axis name.
+            axis_name=None if initializing else self.axis_name,
+            axis_index_groups=None if initializing else self.axis_index_groups,
+            mask=mask,
+            dtype=self.dtype,
+        )
+        if train and not initializing:
+            for key, var in variables.items():
+                var.value = new_state[key]
+        return y[0] if unbatched else y
+
+
+class BatchNorm1d(_BatchNorm):
+    """``torch.nn.BatchNorm1d``: input ``(N, C)`` or ``(N, C, L)`` (``axis=-1``: ``(N, L, C)``)."""
+
+    _batched_ranks: ClassVar[tuple[int, ...] | None] = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """``torch.nn.BatchNorm2d``: input ``(N, C, H, W)`` (``axis=-1``: ``(N, H, W, C)``).
+
+    An unbatched ``(C, H, W)`` sample is normalized as a batch of one.
+    """
+
+    _batched_ranks: ClassVar[tuple[int, ...] | None] = (4,)
+    _unbatched_rank: ClassVar[int | None] = 3
+
+
+class BatchNorm3d(_BatchNorm):
+    """``torch.nn.BatchNorm3d``: input ``(N, C, D, H, W)`` (``axis=-1``: ``(N, D, H, W, C)``).
+
+    An unbatched ``(C, D, H, W)`` sample is normalized as a batch of one.
+    """
+
+    _batched_ranks: ClassVar[tuple[int, ...] | None] = (5,)
+    _unbatched_rank: ClassVar[int | None] = 4
+
+
+class SyncBatchNorm(_BatchNorm):
+    """``torch.nn.SyncBatchNorm``: any input ``(N, C, ...)`` with statistics over ``axis_name``.
+
+    ``axis_name`` is required: apply the module inside ``jax.pmap``, ``shard_map`` or
+    ``jax.vmap`` that binds it. Training statistics are those of the global batch
+    across that axis; evaluation uses the running statistics and does not communicate.
+    """
+
+    def __post_init__(self) -> None:
+        if self.axis_name is None:
+            raise ValueError(
+                "SyncBatchNorm needs axis_name, the mapped axis to synchronize over "
+                "(e.g. axis_name='batch' with jax.pmap(..., axis_name='batch'))"
+            )
+        super().__post_init__()
+
+    def _check_rank(self, ndim: int) -> None:
+        if ndim < 2:
+            raise ValueError(f"expected at least 2D input (got {ndim}D input)")

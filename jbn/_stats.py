@@ -1,0 +1,135 @@
+"""Per-channel batch statistics: one shifted pass over the data, merged exactly across devices.
+
+The naive one-pass variance ``E[x^2] - E[x]^2`` loses every digit when the data's
+mean is large against its spread. Here every value is first shifted by a per-channel
+estimate of the mean (the mean of one row of the first example, a few dozen values),
+so the sums ``S1 = sum(x - shift)`` and ``S2 = sum((x - shift)^2)`` are of numbers
+near zero, and both are taken in the same pass. The normalization then uses
+``(x - shift) - offset`` with ``offset = S1 / n``, which keeps the output within a few
+float32 ulps of a float64 computation whatever the data's mean.
+
+Across devices each device contributes ``(count, shift, offset, M2)`` to ONE
+``all_gather``; every device then merges them with Chan's parallel formula relative to
+a reference shift that all devices share, so the result is the exact statistics of the
+global batch, for unequal per-device counts too (a device with no valid value has
+count 0 and weight 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+# Name given to every O(C) statistic, so that a rematerialized backward pass keeps
+# them and recomputes only elementwise values from the input.
+STATS_NAME = "jbn_batch_stats"
+
+
+class Moments(NamedTuple):
+    """Per-channel statistics of a batch, each of shape ``(C,)`` float32 (``count`` is ``()``).
+
+    ``shift + offset`` is the mean; ``offset`` is small, so ``(x - shift) - offset`` is
+    the precise centred input.
+    """
+
+    count: jax.Array  # () values per channel, summed over devices
+    shift: jax.Array  # (C,) this device's shift
+    offset: jax.Array  # (C,) mean - shift, precise
+    mean: jax.Array  # (C,) the batch mean
+    m2: jax.Array  # (C,) sum of squared deviations from the mean
+
+
+def channel_shape(ndim: int, axis: int) -> tuple[int, ...]:
+    """Shape that broadcasts a ``(C,)`` vector along ``axis`` of an ``ndim``-array: ``(1, C, 1, 1)``."""
+    return tuple(-1 if i == axis else 1 for i in range(ndim))
+
+
+def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
+    """A per-channel value near the mean: ``(C,)``, without gradient."""
+    reduced = [i for i in range(x.ndim) if i != axis]
+    if mask is None:
+        if not reduced:
+            return jax.lax.stop_gradient(x)
+        # One row: index 0 on every reduced axis but the last, mean over the last.
+        index = tuple(0 if i in reduced[:-1] else slice(None) for i in range(x.ndim))
+        row = x[index]  # (C, L) or (L, C), channel order preserved
+        row_axis = 1 if axis < reduced[-1] else 0
+        return jax.lax.stop_gradient(jnp.mean(row, axis=row_axis))
+    # With a mask, the value at the first valid position (position 0 if there is none).
+    first = jnp.argmax(mask.reshape(-1))
+    index = jnp.unravel_index(first, mask.shape)
+    moved = jnp.moveaxis(x, axis, -1)
+    return jax.lax.stop_gradient(moved[index])
+
+
+def local_moments(x: jax.Array, axis: int, mask: jax.Array | None) -> Moments:
+    """Statistics of this device's values of ``x`` (float32 or wider) over all axes but ``axis``.
+
+    Args:
+      x: the input, any shape, in the compute dtype.
+      axis: the channel axis (non-negative).
+      mask: None, or a boolean array of ``x``'s shape without the channel axis; only
+        positions where it is True count.
+    """
+    reduced = tuple(i for i in range(x.ndim) if i != axis)
+    cshape = channel_shape(x.ndim, axis)
+    shift = _shift(x, axis, mask)
+    d = x - shift.reshape(cshape)
+    if mask is None:
+        count = jnp.asarray(x.size // x.shape[axis], x.dtype)
+    else:
+        valid = jnp.expand_dims(mask, axis)
+        d = jnp.where(valid, d, 0)
+        count = jnp.sum(mask, dtype=x.dtype)
+    s1 = jnp.sum(d, axis=reduced)
+    s2 = jnp.sum(d * d, axis=reduced)
+    offset = s1 / jnp.maximum(count, 1)
+    m2 = jnp.maximum(s2 - s1 * offset, 0)
+    return Moments(count, shift, offset, shift + offset, m2)
+
+
+def global_moments(
+    local: Moments, axis_name: Any, axis_index_groups: Any = None
+) -> Moments:
+    """Exact statistics of the union of every device's values, with one ``all_gather``.
+
+    Works under ``pmap``, ``shard_map`` and ``vmap`` with ``axis_name``. The merged
+    ``count``, ``mean`` and ``m2`` are bitwise identical on every device of a group.
+    """
+    c = local.shift.shape[0]
+    stacked = jnp.stack(
+        [jnp.broadcast_to(local.count, (c,)), local.shift, local.offset, local.m2]
+    )
+    stacked = checkpoint_name(stacked, STATS_NAME)
+    gathered = jax.lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
+    counts, shifts, offsets, m2s = (gathered[:, k] for k in range(4))  # each (D, C)
+    # Reference: the shift of the first device that holds any value.
+    ref = shifts[jnp.argmax(counts[:, 0] > 0)]
+    deltas = (shifts - ref) + offsets  # each device's mean relative to ref
+    total = jnp.sum(counts, axis=0)
+    ref_offset = jnp.sum(counts * deltas, axis=0) / jnp.maximum(total, 1)
+    m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(deltas - ref_offset), axis=0)
+    return Moments(
+        total[0],
+        local.shift,
+        (ref - local.shift) + ref_offset,
+        ref + ref_offset,
+        m2,
+    )
+
+
+def batch_moments(
+    x: jax.Array,
+    axis: int,
+    mask: jax.Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+) -> Moments:
+    """Statistics of the batch: local, or global across ``axis_name`` when it is given."""
+    moments = local_moments(x, axis, mask)
+    if axis_name is not None:
+        moments = global_moments(moments, axis_name, axis_index_groups)
+    return Moments(*(checkpoint_name(m, STATS_NAME) for m in moments))

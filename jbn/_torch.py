@@ -1,0 +1,113 @@
+"""Conversion between a PyTorch batch-norm layer's ``state_dict`` and Flax variables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jbn._checks import PARAM_KEYS, STATE_KEYS
+
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor, numpy array or jax array as a numpy array (bfloat16 kept)."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            return np.asarray(value.float().numpy()).astype(jnp.bfloat16)
+        return value.numpy()
+    return np.asarray(value)
+
+
+def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
+    """Converts one ``torch.nn.BatchNorm*d`` layer's ``state_dict`` to Flax variables.
+
+    Args:
+      state_dict: ``{"weight", "bias"}`` (if ``affine``) and ``{"running_mean",
+        "running_var", "num_batches_tracked"}`` (if ``track_running_stats``), each
+        ``(C,)`` except the scalar count; torch tensors, numpy or jax arrays.
+
+    Returns:
+      ``{"params": {"weight", "bias"}, "batch_stats": {"running_mean", "running_var",
+      "num_batches_tracked"}}`` as jax arrays, ready for ``module.apply``; a collection
+      is left out when the layer has none of its keys. ``num_batches_tracked`` becomes
+      int32, the running statistics float32.
+
+    Raises:
+      KeyError: unknown keys, or a group of keys only partly present.
+      ValueError: shapes that are not ``(C,)`` for one C, or a non-scalar count.
+    """
+    unknown = sorted(set(state_dict) - set(PARAM_KEYS) - set(STATE_KEYS))
+    if unknown:
+        raise KeyError(
+            f"unexpected keys {unknown} in a batch-norm state_dict; expected {list(PARAM_KEYS)} "
+            f"and/or {list(STATE_KEYS)} (strip a layer's prefix, e.g. 'bn1.', first)"
+        )
+    arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
+    variables: dict[str, dict[str, jax.Array]] = {}
+    sizes = set()
+    for collection, keys in (("params", PARAM_KEYS), ("batch_stats", STATE_KEYS)):
+        present = [k for k in keys if k in arrays]
+        if not present:
+            continue
+        missing = [k for k in keys if k not in arrays]
+        if missing:
+            raise KeyError(f"state_dict has {present} but is missing {missing}")
+        for k in keys[:2]:
+            if arrays[k].ndim != 1:
+                raise ValueError(f"'{k}' must have shape (C,), got {arrays[k].shape}")
+            sizes.add(arrays[k].shape[0])
+        out = {k: jnp.asarray(arrays[k]) for k in keys[:2]}
+        if collection == "batch_stats":
+            out = {k: v.astype(jnp.float32) for k, v in out.items()}
+            count = arrays["num_batches_tracked"]
+            if count.shape != ():
+                raise ValueError(f"'num_batches_tracked' must be a scalar, got shape {count.shape}")
+            if not 0 <= int(count) <= _INT32_MAX:
+                raise ValueError(f"'num_batches_tracked' = {int(count)} does not fit in int32")
+            out["num_batches_tracked"] = jnp.asarray(int(count), jnp.int32)
+        variables[collection] = out
+    if len(sizes) > 1:
+        raise ValueError(f"state_dict entries disagree on the number of channels: {sorted(sizes)}")
+    return variables
+
+
+def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Converts one layer's Flax variables to a ``state_dict`` that PyTorch loads.
+
+    Args:
+      variables: ``{"params": {"weight", "bias"}, "batch_stats": {...}}``, as
+        returned by ``module.init`` or ``from_torch_state_dict``; either collection
+        may be absent.
+
+    Returns:
+      Numpy arrays keyed like ``torch.nn.BatchNorm*d.state_dict()``:
+      ``weight``, ``bias``, ``running_mean``, ``running_var`` (``(C,)``) and
+      ``num_batches_tracked`` (``()`` int64). Load with
+      ``bn.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``.
+    """
+    unknown = sorted(set(variables) - {"params", "batch_stats"})
+    if unknown:
+        raise KeyError(f"unexpected collections {unknown}; expected 'params' and/or 'batch_stats'")
+    state_dict: dict[str, np.ndarray] = {}
+    for collection, keys in (("params", PARAM_KEYS), ("batch_stats", STATE_KEYS)):
+        tree = variables.get(collection)
+        if not tree:
+            continue
+        missing = [k for k in keys if k not in tree]
+        extra = sorted(set(tree) - set(keys))
+        if missing or extra:
+            raise KeyError(
+                f"variables['{collection}'] must hold exactly {list(keys)}; "
+                f"missing {missing}, unexpected {extra}"
+            )
+        for k in keys:
+            state_dict[k] = np.array(tree[k])
+    if "num_batches_tracked" in state_dict:
+        state_dict["num_batches_tracked"] = state_dict["num_batches_tracked"].astype(np.int64)
+    return state_dict
