@@ -1,0 +1,555 @@
+"""SyncBatchNorm: statistics synchronized across devices equal those of the global batch.
+
+Every multi-device result is compared with ``jbn.batch_norm`` on the concatenated batch
+on one device and with ``torch.nn.BatchNorm`` (PyTorch's autograd for the gradients),
+under ``jax.pmap``, ``shard_map`` and ``jax.vmap`` with ``axis_name``, and under plain
+``jax.jit`` over a sharded ``Mesh``. The 8 CPU devices come from ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jbn
+
+try:  # jax >= 0.7
+    from jax import shard_map as _shard_map
+except ImportError:  # older jax
+    from jax.experimental.shard_map import shard_map as _shard_map
+
+D = 8  # devices
+AXIS = "batch"
+C = 3
+EPS = 1e-5
+MOMENTUM = 0.1
+LAYOUTS = {"NCHW": 1, "NHWC": -1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _eight_devices():
+    assert jax.device_count() == D, "tests/conftest.py must force 8 host CPU devices"
+
+
+def _mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()), (AXIS,))
+
+
+def _variables(seed: int = 1):
+    """Non-trivial weight, bias and running statistics, so that every term is exercised."""
+    rng = np.random.default_rng(seed)
+    params = {
+        "weight": jnp.asarray(rng.uniform(0.5, 1.5, C), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=C), jnp.float32),
+    }
+    state = {
+        "running_mean": jnp.asarray(rng.normal(size=C), jnp.float32),
+        "running_var": jnp.asarray(rng.uniform(0.5, 2.0, C), jnp.float32),
+        "num_batches_tracked": jnp.asarray(3, jnp.int32),
+    }
+    return params, state
+
+
+def _batch(layout: str, per_device: int = 2, seed: int = 0, mean: float = 0.0):
+    """A global batch ``x`` and an upstream gradient ``dy``, float32, ``(8 * per_device, ...)``."""
+    rng = np.random.default_rng(seed)
+    shape = (D * per_device, C, 4, 5)
+    # Channels with different means and scales.
+    x = rng.normal(size=shape) * np.array([1.0, 2.0, 0.5])[:, None, None] + np.array(
+        [0.5, -1.0, 3.0]
+    )[:, None, None] + mean
+    dy = rng.normal(size=shape)
+    if layout == "NHWC":
+        x, dy = x.transpose(0, 2, 3, 1), dy.transpose(0, 2, 3, 1)
+    return x.astype(np.float32), dy.astype(np.float32)
+
+
+def _split(a):
+    """``(8 * n, ...)`` to ``(8, n, ...)``."""
+    a = np.asarray(a)
+    return a.reshape(D, a.shape[0] // D, *a.shape[1:])
+
+
+def _concat(a):
+    """``(8, n, ...)`` to ``(8 * n, ...)``."""
+    a = np.asarray(a)
+    return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+
+
+def _torch_reference(params, state, x, dy, axis):
+    """``torch.nn.BatchNorm2d`` in training on ``x``: ``(y, state, dx, dweight, dbias)``, numpy.
+
+    The loss is ``sum(y * dy)``, differentiated by PyTorch's autograd.
+    """
+    to_nchw = (lambda a: a) if axis == 1 else (lambda a: np.moveaxis(a, -1, 1))
+    from_nchw = (lambda a: a) if axis == 1 else (lambda a: np.moveaxis(a, 1, -1))
+    bn = torch.nn.BatchNorm2d(C, eps=EPS, momentum=MOMENTUM)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor(np.asarray(params["weight"])))
+        bn.bias.copy_(torch.tensor(np.asarray(params["bias"])))
+        bn.running_mean.copy_(torch.tensor(np.asarray(state["running_mean"])))
+        bn.running_var.copy_(torch.tensor(np.asarray(state["running_var"])))
+        bn.num_batches_tracked.fill_(int(state["num_batches_tracked"]))
+    bn.train()
+    xt = torch.from_numpy(np.ascontiguousarray(to_nchw(x))).requires_grad_(True)
+    y = bn(xt)
+    (y * torch.from_numpy(np.ascontiguousarray(to_nchw(dy)))).sum().backward()
+    new_state = {
+        "running_mean": bn.running_mean.numpy(),
+        "running_var": bn.running_var.numpy(),
+        "num_batches_tracked": bn.num_batches_tracked.numpy(),
+    }
+    return (
+        from_nchw(y.detach().numpy()),
+        new_state,
+        from_nchw(xt.grad.numpy()),
+        bn.weight.grad.numpy(),
+        bn.bias.grad.numpy(),
+    )
+
+
+def _loss(params, state, x, dy, axis, axis_name=None, mask=None, axis_index_groups=None):
+    y, new_state = jbn.batch_norm(
+        params, state, x, True, axis=axis, eps=EPS, momentum=MOMENTUM,
+        axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
+    )
+    return jnp.sum(y * dy), (y, new_state)
+
+
+_grad_loss = jax.grad(_loss, argnums=(0, 2), has_aux=True)
+
+
+def _single_device(params, state, x, dy, axis):
+    """``jbn.batch_norm`` on the whole batch on one device: ``(y, state, dx, dweight, dbias)``."""
+    (gp, gx), (y, new_state) = jax.jit(_grad_loss, static_argnums=4)(params, state, x, dy, axis)
+    return y, new_state, gx, gp["weight"], gp["bias"]
+
+
+def _assert_same_on_every_device(tree):
+    for leaf in jax.tree.leaves(tree):
+        leaf = np.asarray(leaf)
+        for d in range(1, leaf.shape[0]):
+            np.testing.assert_array_equal(leaf[d], leaf[0])
+
+
+def _run_pmap(params, state, x, dy, axis, mask=None, axis_index_groups=None):
+    """Per-device values under ``jax.pmap``; the gradient of the parameters is the LOCAL one.
+
+    Inside ``pmap`` each device differentiates its own ``sum(y * dy)``. The transpose
+    of the ``all_gather`` sums the cotangents of every device, so ``dx`` is the global
+    gradient, while ``weight`` and ``bias`` (replicated inputs) get this device's
+    contribution only: their sum over the devices is the global gradient.
+    """
+
+    def step(params, x, dy, mask):
+        return _grad_loss(params, state, x, dy, axis, AXIS, mask, axis_index_groups)
+
+    if mask is None:
+        step = jax.tree_util.Partial(lambda f, params, x, dy: f(params, x, dy, None), step)
+        args = (params, _split(x), _split(dy))
+    else:
+        args = (params, _split(x), _split(dy), _split(mask))
+    in_axes = (None,) + (0,) * (len(args) - 1)
+    (gp, gx), (y, new_state) = jax.pmap(step, axis_name=AXIS, in_axes=in_axes)(*args)
+    return y, new_state, gx, gp
+
+
+def _run_shard_map(params, state, x, dy, axis, mask=None):
+    """``shard_map`` over a mesh of 8 devices, differentiated from outside: global gradients."""
+
+    def body(params, x, dy, mask):
+        loss, (y, new_state) = _loss(params, state, x, dy, axis, AXIS, mask)
+        # One copy of the new state per device, to check that they agree.
+        return loss[None], y, jax.tree.map(lambda v: v[None], new_state)
+
+    mapped = _shard_map(
+        body, mesh=_mesh(), in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
+        out_specs=(P(AXIS), P(AXIS), P(AXIS)),
+    )
+
+    def total(params, x, dy, mask):
+        losses, y, new_state = mapped(params, x, dy, mask)
+        return jnp.sum(losses), (y, new_state)
+
+    if mask is None:
+        mask = np.ones(x.shape[:1] + (1,) * (x.ndim - 2), bool)
+    grad = jax.jit(jax.grad(total, argnums=(0, 1), has_aux=True))
+    (gp, gx), (y, new_state) = grad(params, x, dy, mask)
+    return y, new_state, gx, gp
+
+
+def _run_vmap(params, state, x, dy, axis, mask=None):
+    """``jax.vmap`` with ``axis_name`` over 8 groups of examples, differentiated from outside."""
+
+    def total(params, x, dy, mask):
+        losses, (y, new_state) = jax.vmap(
+            lambda x, dy, mask: _loss(params, state, x, dy, axis, AXIS, mask),
+            axis_name=AXIS, in_axes=(0, 0, None if mask is None else 0),
+        )(x, dy, mask)
+        return jnp.sum(losses), (y, new_state)
+
+    grad = jax.jit(jax.grad(total, argnums=(0, 1), has_aux=True))
+    (gp, gx), (y, new_state) = grad(
+        params, _split(x), _split(dy), None if mask is None else _split(mask)
+    )
+    return _concat(y), new_state, _concat(gx), gp
+
+
+def _assert_state_close(got, want, rtol=1e-5, atol=1e-6):
+    np.testing.assert_allclose(got["running_mean"], want["running_mean"], rtol=rtol, atol=atol)
+    np.testing.assert_allclose(got["running_var"], want["running_var"], rtol=rtol, atol=atol)
+    assert int(got["num_batches_tracked"]) == int(want["num_batches_tracked"])
+
+
+def _assert_matches(got, want, *, rtol=1e-5, atol=1e-5):
+    """``(y, state, dx, dweight, dbias)`` against a reference, in that order."""
+    y, state, gx, gw, gb = got
+    ry, rstate, rgx, rgw, rgb = want
+    np.testing.assert_allclose(y, ry, rtol=rtol, atol=atol)
+    _assert_state_close(state, rstate)
+    np.testing.assert_allclose(gx, rgx, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(gw, rgw, rtol=rtol, atol=10 * atol)  # sums of 160 terms
+    np.testing.assert_allclose(gb, rgb, rtol=rtol, atol=10 * atol)
+
+
+# --- pmap, shard_map, vmap: the global batch --------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pmap_equals_global_batch_and_torch(layout):
+    axis = LAYOUTS[layout]
+    params, state = _variables()
+    x, dy = _batch(layout)
+    y, new_state, gx, gp = _run_pmap(params, state, x, dy, axis)
+    _assert_same_on_every_device(new_state)
+    state0 = jax.tree.map(lambda v: v[0], new_state)
+    # Summed over devices, the parameter gradients are the global ones.
+    got = (_concat(y), state0, _concat(gx), gp["weight"].sum(0), gp["bias"].sum(0))
+    single = _single_device(params, state, x, dy, axis)
+    _assert_matches(got, single, rtol=1e-5, atol=1e-6)
+    _assert_matches(got, _torch_reference(params, state, x, dy, axis))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pmap_parameter_gradient_is_each_devices_contribution(layout):
+    axis = LAYOUTS[layout]
+    params, state = _variables()
+    x, dy = _batch(layout)
+    y, _, _, gp = _run_pmap(params, state, x, dy, axis)
+    cshape = [1] * x.ndim
+    cshape[axis] = C
+    weight = np.asarray(params["weight"]).reshape(cshape)
+    bias = np.asarray(params["bias"]).reshape(cshape)
+    # x normalized with the GLOBAL statistics, from torch's output on the global batch.
+    ty = _torch_reference(params, state, x, dy, axis)[0]
+    x_hat = _split((ty - bias) / weight)
+    reduced = tuple(i + 1 for i in range(x.ndim) if i != axis % x.ndim)
+    dy_local = _split(dy)
+    np.testing.assert_allclose(gp["weight"], (dy_local * x_hat).sum(reduced), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gp["bias"], dy_local.sum(reduced), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shard_map_equals_global_batch_and_torch(layout):
+    axis = LAYOUTS[layout]
+    params, state = _variables()
+    x, dy = _batch(layout)
+    y, new_state, gx, gp = _run_shard_map(params, state, x, dy, axis)
+    _assert_same_on_every_device(new_state)
+    state0 = jax.tree.map(lambda v: v[0], new_state)
+    got = (y, state0, gx, gp["weight"], gp["bias"])
+    _assert_matches(got, _single_device(params, state, x, dy, axis), rtol=1e-5, atol=1e-6)
+    _assert_matches(got, _torch_reference(params, state, x, dy, axis))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_vmap_with_axis_name_equals_global_batch_and_torch(layout):
+    axis = LAYOUTS[layout]
+    params, state = _variables()
+    x, dy = _batch(layout)
+    y, new_state, gx, gp = _run_vmap(params, state, x, dy, axis)
+    _assert_same_on_every_device(new_state)
+    state0 = jax.tree.map(lambda v: v[0], new_state)
+    got = (y, state0, gx, gp["weight"], gp["bias"])
+    _assert_matches(got, _single_device(params, state, x, dy, axis), rtol=1e-5, atol=1e-6)
+    _assert_matches(got, _torch_reference(params, state, x, dy, axis))
+
+
+def test_evaluation_under_pmap_uses_running_statistics_without_communicating():
+    params, state = _variables()
+    x, _ = _batch("NCHW")
+    y = jax.pmap(
+        lambda x: jbn.batch_norm(params, state, x, False, axis_name=AXIS)[0], axis_name=AXIS
+    )(_split(x))
+    bn = torch.nn.BatchNorm2d(C).eval()
+    bn.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in
+                        jbn.to_torch_state_dict({"params": params, "batch_stats": state}).items()})
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            _concat(y), bn(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6
+        )
+
+
+# --- unequal per-device batches ----------------------------------------------------------
+
+# Valid examples per device out of 4; device 4 holds none.
+VALID = (4, 3, 2, 1, 0, 4, 2, 3)
+
+
+def _masked_batch():
+    x, dy = _batch("NCHW", per_device=4, seed=3)
+    mask = np.zeros((D, 4), bool)
+    for d, n in enumerate(VALID):
+        mask[d, :n] = True
+    mask = mask.reshape(-1)
+    # Padding garbage that must not enter the statistics.
+    x[~mask] = 1e6
+    dy[~mask] = 0.0  # the loss counts valid examples only
+    return x, dy, mask
+
+
+@pytest.mark.parametrize("style", ["pmap", "shard_map", "vmap"])
+def test_unequal_batches_with_mask_equal_the_valid_global_batch(style):
+    params, state = _variables()
+    x, dy, valid = _masked_batch()
+    mask = valid[:, None, None]  # (N, 1, 1) for NCHW
+    if style == "pmap":
+        y, new_state, gx, gp = _run_pmap(params, state, x, dy, 1, mask=mask)
+        y, gx = _concat(y), _concat(gx)
+        gp = jax.tree.map(lambda g: g.sum(0), gp)
+    else:
+        run = _run_shard_map if style == "shard_map" else _run_vmap
+        y, new_state, gx, gp = run(params, state, x, dy, 1, mask=mask)
+    _assert_same_on_every_device(new_state)
+    state0 = jax.tree.map(lambda v: v[0], new_state)
+    for leaf in jax.tree.leaves((y, new_state, gx, gp)):
+        assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
+    ry, rstate, rgx, rgw, rgb = _torch_reference(params, state, x[valid], dy[valid], 1)
+    got = (np.asarray(y)[valid], state0, np.asarray(gx)[valid], gp["weight"], gp["bias"])
+    _assert_matches(got, (ry, rstate, rgx, rgw, rgb))
+    # Padding examples neither enter the statistics nor receive a gradient.
+    np.testing.assert_array_equal(np.asarray(gx)[~valid], 0.0)
+
+
+def test_device_without_valid_values_gets_finite_outputs_and_global_state():
+    params, state = _variables()
+    x, _, valid = _masked_batch()
+    mask = _split(valid[:, None, None])
+
+    def fwd(x, mask):
+        return jbn.batch_norm(params, state, x, True, axis_name=AXIS, mask=mask)
+
+    y, new_state = jax.pmap(fwd, axis_name=AXIS)(_split(x), mask)
+    assert VALID[4] == 0
+    _, rstate, _, _, _ = _torch_reference(params, state, x[valid], x[valid], 1)
+    _assert_state_close(jax.tree.map(lambda v: v[4], new_state), rstate)
+    assert np.all(np.isfinite(np.asarray(y[4])))
+
+
+# --- numerical stability -----------------------------------------------------------------
+
+
+def test_synced_statistics_are_stable_at_mean_1e4():
+    rng = np.random.default_rng(7)
+    x = (1e4 + rng.normal(size=(D * 4, C, 6, 6))).astype(np.float32)
+    params, state = jbn.init(C)
+
+    def fwd(x):
+        return jbn.batch_norm(params, state, x, True, axis_name=AXIS)
+
+    y, new_state = jax.pmap(fwd, axis_name=AXIS)(_split(x))
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=(0, 2, 3))
+    var = x64.var(axis=(0, 2, 3))
+    ref = (x64 - mean[:, None, None]) / np.sqrt(var[:, None, None] + EPS)
+    assert np.max(np.abs(_concat(y) - ref)) <= 2e-6
+    n = x.size // C
+    np.testing.assert_allclose(new_state["running_mean"][0], 0.1 * mean, rtol=1e-6)
+    np.testing.assert_allclose(
+        new_state["running_var"][0], 0.9 + 0.1 * var * n / (n - 1), rtol=1e-6
+    )
+
+
+# --- axis_index_groups --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [[[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 1], [2, 3], [4, 5], [6, 7]]],
+    ids=["2x4", "4x2"],
+)
+def test_axis_index_groups_normalize_each_group_alone(groups):
+    params, state = _variables()
+    x, dy = _batch("NCHW", seed=5)
+    y, new_state, gx, gp = _run_pmap(params, state, x, dy, 1, axis_index_groups=groups)
+    xs, dys = _split(x), _split(dy)
+    for group in groups:
+        gx_ = _concat(xs[group])
+        gdy = _concat(dys[group])
+        want = _torch_reference(params, state, gx_, gdy, 1)
+        single = _single_device(params, state, gx_, gdy, 1)
+        got = (
+            _concat(y[np.array(group)]),
+            jax.tree.map(lambda v: v[group[0]], new_state),
+            _concat(gx[np.array(group)]),
+            gp["weight"][np.array(group)].sum(0),
+            gp["bias"][np.array(group)].sum(0),
+        )
+        _assert_same_on_every_device(jax.tree.map(lambda v: v[np.array(group)], new_state))
+        _assert_matches(got, single, rtol=1e-5, atol=1e-6)
+        _assert_matches(got, want)
+
+
+# --- plain jit over a sharded mesh --------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_jit_over_sharded_batch_computes_global_statistics(layout):
+    axis = LAYOUTS[layout]
+    params, state = _variables()
+    x, dy = _batch(layout)
+    sharding = NamedSharding(_mesh(), P(AXIS))
+    xs = jax.device_put(x, sharding)
+    dys = jax.device_put(dy, sharding)
+    assert len(xs.sharding.device_set) == D
+    (gp, gx), (y, new_state) = jax.jit(_grad_loss, static_argnums=4)(params, state, xs, dys, axis)
+    got = (y, new_state, gx, gp["weight"], gp["bias"])
+    _assert_matches(got, _single_device(params, state, x, dy, axis), rtol=1e-5, atol=1e-6)
+    _assert_matches(got, _torch_reference(params, state, x, dy, axis))
+
+
+# --- collectives in the compiled program --------------------------------------------------
+
+_COLLECTIVE = re.compile(
+    r"\b(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all|collective-broadcast)"
+    r"(-start)?\("
+)
+
+
+def _collectives(hlo_text: str) -> list[str]:
+    return [m.group(1) for m in _COLLECTIVE.finditer(hlo_text)]
+
+
+def _two_layers(train):
+    """Two batch-norm layers in a row, as in a network."""
+    params, state = _variables()
+
+    def f(x):
+        y, _ = jbn.batch_norm(params, state, x, train, axis_name=AXIS)
+        y, s = jbn.batch_norm(params, state, jnp.tanh(y), train, axis_name=AXIS)
+        return y, s
+
+    return f
+
+
+@pytest.mark.parametrize("train,expected", [(True, ["all-gather"] * 2), (False, [])])
+def test_pmap_compiles_one_all_gather_per_layer_in_training_and_none_in_eval(train, expected):
+    x = _split(_batch("NCHW")[0])
+    text = jax.pmap(_two_layers(train), axis_name=AXIS).lower(x).compile().as_text()
+    assert _collectives(text) == expected
+
+
+@pytest.mark.parametrize("train,expected", [(True, ["all-gather"] * 2), (False, [])])
+def test_shard_map_compiles_one_all_gather_per_layer_in_training_and_none_in_eval(
+    train, expected
+):
+    def body(x):
+        y, s = _two_layers(train)(x)
+        return y, jax.tree.map(lambda v: v[None], s)
+
+    mapped = _shard_map(body, mesh=_mesh(), in_specs=P(AXIS), out_specs=(P(AXIS), P(AXIS)))
+    x = _batch("NCHW")[0]
+    lowered = jax.jit(mapped).lower(x)
+    assert lowered.as_text().count("stablehlo.all_gather") == len(expected)
+    assert _collectives(lowered.compile().as_text()) == expected
+
+
+# --- the SyncBatchNorm module -------------------------------------------------------------
+
+
+def test_sync_batch_norm_requires_axis_name():
+    with pytest.raises(ValueError, match="axis_name"):
+        jbn.SyncBatchNorm(C)
+
+
+def test_sync_batch_norm_outside_a_map_raises_name_error_naming_the_axis():
+    model = jbn.SyncBatchNorm(C, axis_name=AXIS)
+    x = jnp.ones((4, C, 2, 2))
+    variables = model.init(jax.random.key(0), x, train=False)
+    with pytest.raises(NameError, match=AXIS):
+        model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_sync_batch_norm_init_needs_no_bound_axis(train):
+    model = jbn.SyncBatchNorm(C, axis_name=AXIS)
+    variables = model.init(jax.random.key(0), jnp.ones((4, C, 2, 2)), train=train)
+    np.testing.assert_array_equal(variables["params"]["weight"], np.ones(C))
+    np.testing.assert_array_equal(variables["batch_stats"]["running_mean"], np.zeros(C))
+    np.testing.assert_array_equal(variables["batch_stats"]["running_var"], np.ones(C))
+    assert int(variables["batch_stats"]["num_batches_tracked"]) == 0
+
+
+def test_sync_batch_norm_training_under_pmap_updates_every_device_alike():
+    model = jbn.SyncBatchNorm(C, axis_name=AXIS, momentum=MOMENTUM, eps=EPS)
+    params, state = _variables()
+    variables = {"params": params, "batch_stats": state}
+    x, _ = _batch("NCHW")
+
+    def step(x):
+        return model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    y, updates = jax.pmap(step, axis_name=AXIS)(_split(x))
+    _assert_same_on_every_device(updates)
+    ry, rstate, _, _, _ = _torch_reference(params, state, x, x, 1)
+    np.testing.assert_allclose(_concat(y), ry, rtol=1e-5, atol=1e-5)
+    _assert_state_close(jax.tree.map(lambda v: v[0], updates["batch_stats"]), rstate)
+
+
+class _SmallCNN(nn.Module):
+    """Conv, SyncBatchNorm, ReLU, twice: channels-last, as Flax models usually are."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for i, features in enumerate((4, 6)):
+            x = nn.Conv(features, (3, 3), use_bias=False, name=f"conv{i}")(x)
+            x = jbn.SyncBatchNorm(features, axis=-1, axis_name=AXIS, name=f"bn{i}")(x, train)
+            x = nn.relu(x)
+        return x
+
+
+def test_sync_batch_norm_in_a_model_under_pmap_equals_global_batch_batch_norm():
+    model = _SmallCNN()
+    x = np.random.default_rng(2).normal(size=(D * 2, 6, 6, 2)).astype(np.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def step(x):
+        return model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    y, updates = jax.pmap(step, axis_name=AXIS)(_split(x))
+    _assert_same_on_every_device(updates)
+
+    # Reference: the same model with unsynced BatchNorm2d on the whole batch on one device.
+    class Unsynced(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            for i, features in enumerate((4, 6)):
+                x = nn.Conv(features, (3, 3), use_bias=False, name=f"conv{i}")(x)
+                x = jbn.BatchNorm2d(features, axis=-1, name=f"bn{i}")(x, train)
+                x = nn.relu(x)
+            return x
+
+    ref_y, ref_updates = Unsynced().apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(_concat(y), ref_y, rtol=1e-5, atol=1e-5)
+    for got, want in zip(
+        jax.tree.leaves(jax.tree.map(lambda v: v[0], updates)), jax.tree.leaves(ref_updates)
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
