@@ -131,6 +131,20 @@ def check_mask(mask: Any, shape: tuple, channel_axis: int) -> tuple:
     return target
 
 
+def check_rank(ndim: int, batched_ranks: tuple[int, ...] | None, unbatched_rank: int | None) -> None:
+    """Raises PyTorch's rank error unless ``ndim`` is a batched or the unbatched rank.
+
+    ``batched_ranks=None`` accepts any rank; the message lists every accepted rank, e.g.
+    "expected 3D or 4D input (got 2D input)".
+    """
+    if batched_ranks is None:
+        return
+    accepted = sorted({*batched_ranks, *(() if unbatched_rank is None else (unbatched_rank,))})
+    if ndim not in accepted:
+        expected = " or ".join(f"{r}D" for r in accepted)
+        raise ValueError(f"expected {expected} input (got {ndim}D input)")
+
+
 def too_few_values(shape: tuple) -> ValueError:
     """PyTorch's error for a batch with a single value per channel."""
     return ValueError(

@@ -1,0 +1,204 @@
+"""Flax NNX modules: thin wrappers that hold the variables and call ``batch_norm``."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.typing import DTypeLike
+
+from jbn import _checks
+from jbn._batch_norm import batch_norm
+
+
+class _BatchNorm(nnx.Module):
+    """Shared fields and call of the NNX batch-norm modules.
+
+    Like a PyTorch module, a new module is in training mode. ``model.train()`` and
+    ``model.eval()`` (NNX's, which set ``use_running_average`` on every submodule)
+    switch the mode, as do ``nnx.view(model, use_running_average=...)`` and the
+    PyTorch-style ``training`` attribute; ``__call__(x, train=...)`` overrides it for
+    one call.
+
+    Attributes:
+      weight: ``nnx.Param`` ``(C,)``, ones (only if ``affine``).
+      bias: ``nnx.Param`` ``(C,)``, zeros (only if ``affine``).
+      running_mean: ``nnx.BatchStat`` ``(C,)`` float32, zeros (only if
+        ``track_running_stats``).
+      running_var: ``nnx.BatchStat`` ``(C,)`` float32, ones (idem).
+      num_batches_tracked: ``nnx.BatchStat`` ``()`` int32, 0 (idem).
+      use_running_average: True in evaluation mode (NNX's convention, the inverse of
+        ``training``).
+    """
+
+    # Accepted input ranks: batched, and the unbatched rank treated as a batch of one.
+    _batched_ranks: ClassVar[tuple[int, ...] | None] = None
+    _unbatched_rank: ClassVar[int | None] = None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        axis: int = 1,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        *,
+        use_running_average: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ) -> None:
+        """Creates the variables as ``torch.nn.BatchNorm*d`` does.
+
+        Args:
+          num_features: C, the number of channels.
+          eps: added to the variance for numerical stability.
+          momentum: weight of the batch in the running statistics; None for the
+            cumulative average (PyTorch's ``momentum=None``).
+          affine: whether to learn ``weight`` and ``bias``.
+          track_running_stats: whether to keep running statistics; without them
+            evaluation uses the batch statistics.
+          axis: the channel axis: 1 for PyTorch's channels-first layout, -1 for
+            channels-last.
+          axis_name: mapped axis over which training statistics are synchronized.
+          axis_index_groups: groups of devices along ``axis_name`` that share statistics.
+          dtype: dtype of the output; None keeps the input's dtype.
+          param_dtype: dtype of ``weight`` and ``bias``.
+          use_running_average: start in evaluation mode (default: training, as PyTorch).
+          rngs: accepted for signature compatibility with ``nnx.BatchNorm``; unused,
+            the initial values are deterministic.
+        """
+        del rngs
+        self.num_features = _checks.check_num_features(num_features)
+        self.eps = _checks.check_eps(eps)
+        self.momentum = _checks.check_momentum(momentum)
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.axis = axis
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_running_average = bool(use_running_average)
+        c = self.num_features
+        if affine:
+            self.weight = nnx.Param(jnp.ones((c,), param_dtype))
+            self.bias = nnx.Param(jnp.zeros((c,), param_dtype))
+        if track_running_stats:
+            self.running_mean = nnx.BatchStat(jnp.zeros((c,), jnp.float32))
+            self.running_var = nnx.BatchStat(jnp.ones((c,), jnp.float32))
+            self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    @property
+    def training(self) -> bool:
+        """PyTorch's mode flag: ``not use_running_average``; assignable."""
+        return not self.use_running_average
+
+    @training.setter
+    def training(self, value: bool) -> None:
+        self.use_running_average = not value
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Sets the mode for ``nnx.view(model, use_running_average=...)``."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+    def _check_rank(self, ndim: int) -> None:
+        _checks.check_rank(ndim, self._batched_ranks, self._unbatched_rank)
+
+    def __call__(
+        self, x: jax.Array, *, train: bool | None = None, mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Normalizes ``x``; in training also updates the running statistics in place.
+
+        Args:
+          x: input with ``num_features`` channels on ``axis``.
+          train: overrides the module's mode for this call: True for batch statistics
+            (and updated running statistics), False for the running statistics; None
+            uses ``self.training``.
+          mask: optional boolean array of ``x``'s shape without the channel axis;
+            only True positions enter the statistics.
+
+        Returns:
+          ``y``, of ``x``'s shape.
+        """
+        train = self.training if train is None else train
+        x = jnp.asarray(x)
+        self._check_rank(x.ndim)
+        unbatched = self._unbatched_rank is not None and x.ndim == self._unbatched_rank
+        if unbatched:
+            x = x[None]
+            mask = None if mask is None else jnp.asarray(mask)[None]
+        params = {"weight": self.weight[...], "bias": self.bias[...]} if self.affine else {}
+        keys = _checks.STATE_KEYS if self.track_running_stats else ()
+        state = {k: getattr(self, k)[...] for k in keys}
+        y, new_state = batch_norm(
+            params,
+            state,
+            x,
+            train,
+            axis=self.axis,
+            eps=self.eps,
+            momentum=self.momentum,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            mask=mask,
+            dtype=self.dtype,
+        )
+        if train:
+            for k in keys:
+                getattr(self, k)[...] = new_state[k]
+        return y[0] if unbatched else y
+
+
+class BatchNorm1d(_BatchNorm):
+    """``torch.nn.BatchNorm1d`` for NNX: input ``(N, C)`` or ``(N, C, L)`` (``axis=-1``: ``(N, L, C)``)."""
+
+    _batched_ranks: ClassVar[tuple[int, ...] | None] = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """``torch.nn.BatchNorm2d`` for NNX: input ``(N, C, H, W)`` (``axis=-1``: ``(N, H, W, C)``).
+
+    An unbatched ``(C, H, W)`` sample is normalized as a batch of one.
+    """
+
+    _batched_ranks: ClassVar[tuple[int, ...] | None] = (4,)
+    _unbatched_rank: ClassVar[int | None] = 3
+
+
+class BatchNorm3d(_BatchNorm):
+    """``torch.nn.BatchNorm3d`` for NNX: input ``(N, C, D, H, W)`` (``axis=-1``: ``(N, D, H, W, C)``).
+
+    An unbatched ``(C, D, H, W)`` sample is normalized as a batch of one.
+    """
+
+    _batched_ranks: ClassVar[tuple[int, ...] | None] = (5,)
+    _unbatched_rank: ClassVar[int | None] = 4
+
+
+class SyncBatchNorm(_BatchNorm):
+    """``torch.nn.SyncBatchNorm`` for NNX: any input ``(N, C, ...)``, statistics over ``axis_name``.
+
+    ``axis_name`` is required: call the module inside a map that binds it (e.g.
+    ``nnx.vmap``/``nnx.pmap``/``nnx.shard_map`` with that ``axis_name``, or
+    ``jax.vmap`` over ``nnx.split`` state). Evaluation does not communicate.
+    """
+
+    def __init__(self, num_features: int, *args: Any, **kwargs: Any) -> None:
+        """Same arguments as the other modules; ``axis_name`` must be given."""
+        super().__init__(num_features, *args, **kwargs)
+        if self.axis_name is None:
+            raise ValueError(
+                "SyncBatchNorm needs axis_name, the mapped axis to synchronize over "
+                "(e.g. axis_name='batch' with jax.vmap(..., axis_name='batch'))"
+            )
+
+    def _check_rank(self, ndim: int) -> None:
+        if ndim < 2:
+            raise ValueError(f"expected at least 2D input (got {ndim}D input)")

@@ -1,0 +1,19 @@
+"""PyTorch-exact batch normalization as Flax NNX modules.
+
+``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d`` and ``SyncBatchNorm`` take the same
+arguments as the linen modules in :mod:`jbn` and hold ``weight``/``bias`` as
+``nnx.Param`` and ``running_mean``/``running_var``/``num_batches_tracked`` as
+``nnx.BatchStat``; ``model.train()``/``model.eval()`` switch the mode.
+"""
+
+from jbn._nnx import BatchNorm1d as BatchNorm1d
+from jbn._nnx import BatchNorm2d as BatchNorm2d
+from jbn._nnx import BatchNorm3d as BatchNorm3d
+from jbn._nnx import SyncBatchNorm as SyncBatchNorm
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "SyncBatchNorm",
+]
