@@ -8,6 +8,7 @@ The functional core is :func:`batch_norm` with :func:`init`; the Flax linen modu
 
 from jbn._batch_norm import batch_norm as batch_norm
 from jbn._batch_norm import init as init
+from jbn._fold import fold_conv_bn as fold_conv_bn
 from jbn._linen import BatchNorm1d as BatchNorm1d
 from jbn._linen import BatchNorm2d as BatchNorm2d
 from jbn._linen import BatchNorm3d as BatchNorm3d
@@ -23,6 +24,7 @@ __all__ = [
     "BatchNorm3d",
     "SyncBatchNorm",
     "batch_norm",
+    "fold_conv_bn",
     "from_torch_state_dict",
     "init",
     "to_torch_state_dict",

@@ -1,0 +1,79 @@
+"""Folding an evaluation-mode batch norm into the convolution before it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+
+def fold_conv_bn(
+    kernel: ArrayLike,
+    conv_bias: ArrayLike | None,
+    bn_variables: Mapping[str, Any],
+    *,
+    eps: float = 1e-5,
+    layout: Literal["HWIO", "OIHW"] = "HWIO",
+) -> tuple[jax.Array, jax.Array]:
+    """Folds a batch norm's running statistics and affine into the preceding convolution.
+
+    Mirrors ``torch.nn.utils.fusion.fuse_conv_bn_weights``: with
+    ``scale = weight / sqrt(running_var + eps)``, the folded kernel is the kernel with
+    every output channel multiplied by ``scale`` and the folded bias is
+    ``(conv_bias - running_mean) * scale + bias``. The folded convolution equals
+    convolution followed by the batch norm in evaluation mode.
+
+    Args:
+      kernel: the convolution's kernel. ``layout="HWIO"`` (Flax's ``nn.Conv``, also
+        ``nn.Dense``'s ``(in, out)``): output features on the last axis, any number
+        of spatial axes (``(W, I, O)``, ``(H, W, I, O)``, ``(D, H, W, I, O)``).
+        ``layout="OIHW"`` (PyTorch's ``Conv*d.weight``): output features on the
+        first axis.
+      conv_bias: the convolution's bias ``(O,)``, or None for a convolution without
+        bias (treated as zeros).
+      bn_variables: the batch norm's variables as ``init``/``from_torch_state_dict``
+        give them: ``{"params": {"weight", "bias"}, "batch_stats": {"running_mean",
+        "running_var", ...}}`` (``params`` may be absent for ``affine=False``).
+      eps: the batch norm's ``eps``.
+      layout: where the kernel keeps its output features, see ``kernel``.
+
+    Returns:
+      ``(kernel, bias)``: the folded kernel, of ``kernel``'s shape and layout, and
+      the folded bias ``(O,)``, in the promoted dtype of the inputs (at least float32).
+
+    Raises:
+      ValueError: an unknown layout, no running statistics, or a channel count that
+        differs between the kernel and the batch norm.
+    """
+    if layout not in ("HWIO", "OIHW"):
+        raise ValueError(f"layout must be 'HWIO' (output features last) or 'OIHW' (first), "
+                         f"got {layout!r}")
+    stats = bn_variables.get("batch_stats") or {}
+    if "running_mean" not in stats or "running_var" not in stats:
+        raise ValueError(
+            "bn_variables['batch_stats'] must hold 'running_mean' and 'running_var': a batch "
+            "norm with track_running_stats=False uses batch statistics and cannot be folded"
+        )
+    params = bn_variables.get("params") or {}
+    kernel = jnp.asarray(kernel)
+    dtype = jnp.result_type(kernel.dtype, stats["running_var"].dtype, jnp.float32)
+    out_axis = kernel.ndim - 1 if layout == "HWIO" else 0
+    out = kernel.shape[out_axis]
+    mean = jnp.asarray(stats["running_mean"], dtype)
+    var = jnp.asarray(stats["running_var"], dtype)
+    weight = jnp.asarray(params.get("weight", jnp.ones_like(var)), dtype)
+    bias = jnp.asarray(params.get("bias", jnp.zeros_like(var)), dtype)
+    if mean.shape != (out,):
+        raise ValueError(
+            f"the kernel has {out} output features (axis {out_axis} of shape {kernel.shape}, "
+            f"layout {layout}) but the batch norm has {mean.shape} channels"
+        )
+    conv_bias = jnp.zeros((out,), dtype) if conv_bias is None else jnp.asarray(conv_bias, dtype)
+    scale = weight * jax.lax.rsqrt(var + eps)
+    cshape = tuple(-1 if i == out_axis else 1 for i in range(kernel.ndim))
+    folded_kernel = kernel.astype(dtype) * scale.reshape(cshape)
+    folded_bias = (conv_bias - mean) * scale + bias
+    return folded_kernel, folded_bias
