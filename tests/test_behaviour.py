@@ -1,0 +1,211 @@
+"""Semantics that the parity tests do not single out: state handling, transforms, the modules."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jbn
+from reference import Float64BatchNorm, torch_forward, torch_layer
+
+
+def _x(shape=(4, 3, 5, 5), seed=0, scale=2.0, offset=1.0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale + offset, jnp.float32)
+
+
+def test_init_matches_torch_initial_state():
+    params, state = jbn.init(5)
+    layer = torch.nn.BatchNorm2d(5)
+    for key, value in layer.state_dict().items():
+        tree = params if key in params else state
+        np.testing.assert_array_equal(np.asarray(tree[key]), value.numpy())
+    assert state["num_batches_tracked"].shape == () and state["num_batches_tracked"].dtype == jnp.int32
+    assert jbn.init(5, affine=False, track_running_stats=False) == ({}, {})
+
+
+def test_evaluation_leaves_state_unchanged():
+    params, state = jbn.init(3)
+    _, state = jbn.batch_norm(params, state, _x(), True)
+    _, after = jbn.batch_norm(params, state, _x(seed=1), False)
+    for key in state:
+        np.testing.assert_array_equal(after[key], state[key])
+
+
+def test_module_init_does_not_move_statistics_even_when_training():
+    x = _x()
+    for train in (False, True):
+        variables = jbn.BatchNorm2d(3).init(jax.random.key(0), x, train=train)
+        stats = variables["batch_stats"]
+        np.testing.assert_array_equal(stats["running_mean"], np.zeros(3))
+        np.testing.assert_array_equal(stats["running_var"], np.ones(3))
+        assert int(stats["num_batches_tracked"]) == 0
+
+
+def test_module_evaluation_leaves_batch_stats_unchanged():
+    model = jbn.BatchNorm2d(3)
+    variables = model.init(jax.random.key(0), _x(), train=False)
+    _, updates = model.apply(variables, _x(), train=True, mutable=["batch_stats"])
+    variables = {**variables, **updates}
+    _, unchanged = model.apply(variables, _x(seed=2), train=False, mutable=["batch_stats"])
+    for key, value in variables["batch_stats"].items():
+        np.testing.assert_array_equal(unchanged["batch_stats"][key], value)
+
+
+def test_momentum_none_is_the_cumulative_average_of_unbiased_batch_statistics():
+    # Closed form: after k steps with momentum=None the running mean is the plain
+    # average of the k batch means, the running variance that of the unbiased variances.
+    params, state = jbn.init(3)
+    xs = [_x(seed=s, offset=s) for s in range(4)]
+    for x in xs:
+        _, state = jbn.batch_norm(params, state, x, True, momentum=None)
+    xs64 = [np.asarray(x, np.float64) for x in xs]
+    np.testing.assert_allclose(state["running_mean"], np.mean([x.mean((0, 2, 3)) for x in xs64], 0),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(state["running_var"],
+                               np.mean([x.var((0, 2, 3), ddof=1) for x in xs64], 0), rtol=1e-6)
+    assert int(state["num_batches_tracked"]) == 4
+
+
+def test_without_running_statistics_evaluation_uses_the_batch():
+    x = _x()
+    y_train, _ = jbn.batch_norm({}, {}, x, True)
+    y_eval, state = jbn.batch_norm({}, {}, x, False)
+    np.testing.assert_array_equal(y_train, y_eval)
+    assert state == {}
+
+
+def test_channels_last_equals_channels_first():
+    x = _x((4, 3, 5, 6))
+    params, state = jbn.init(3)
+    params = {"weight": jnp.array([0.5, 1.0, 2.0]), "bias": jnp.array([0.0, 1.0, -1.0])}
+    y1, s1 = jbn.batch_norm(params, state, x, True)
+    y2, s2 = jbn.batch_norm(params, state, jnp.moveaxis(x, 1, -1), True, axis=-1)
+    np.testing.assert_allclose(jnp.moveaxis(y2, -1, 1), y1, rtol=1e-6, atol=1e-6)
+    for key in s1:
+        np.testing.assert_allclose(s2[key], s1[key], rtol=1e-6)
+
+
+@pytest.mark.parametrize("axis", [0, 2, 3])
+def test_any_channel_axis_normalizes_over_the_other_axes(axis):
+    x = np.asarray(_x((4, 5, 6, 7)))
+    c = x.shape[axis]
+    y, _ = jbn.batch_norm({}, {}, x, True, axis=axis)
+    expected = np.moveaxis(Float64BatchNorm(c, track=False)(np.moveaxis(x, axis, 1), True), 1, axis)
+    np.testing.assert_allclose(y, expected, rtol=2e-6, atol=2e-6)
+
+
+def test_unbatched_sample_is_a_batch_of_one():
+    x = np.asarray(_x((3, 5, 6)))
+    model = jbn.BatchNorm2d(3)
+    variables = model.init(jax.random.key(0), x, train=False)
+    y, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    y_batched, updates_batched = model.apply(variables, x[None], train=True, mutable=["batch_stats"])
+    assert y.shape == x.shape
+    np.testing.assert_array_equal(y, y_batched[0])
+    for key, value in updates_batched["batch_stats"].items():
+        np.testing.assert_array_equal(updates["batch_stats"][key], value)
+    # and the batch of one is exactly torch's (1, C, H, W)
+    layer = torch_layer(2, 3)
+    np.testing.assert_allclose(y, torch_forward(layer, x[None], True)[0], rtol=2e-6, atol=2e-6)
+    # the functional core takes the same sample with axis=0
+    y_core, _ = jbn.batch_norm(*jbn.init(3), x, True, axis=0)
+    np.testing.assert_array_equal(y_core, y)
+
+
+def test_unbatched_3d_sample_and_channels_last():
+    x = np.asarray(_x((6, 4, 5, 3)))  # (D, H, W, C)
+    model = jbn.BatchNorm3d(3, axis=-1)
+    variables = model.init(jax.random.key(0), x, train=False)
+    y, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    y_batched, _ = model.apply(variables, x[None], train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(y, y_batched[0])
+
+
+def test_affine_false_has_no_params_and_track_false_no_batch_stats():
+    x = _x()
+    variables = jbn.BatchNorm2d(3, affine=False, track_running_stats=False).init(
+        jax.random.key(0), x, train=False)
+    assert "params" not in variables and "batch_stats" not in variables
+    variables = jbn.BatchNorm2d(3).init(jax.random.key(0), x, train=False)
+    assert set(variables["params"]) == {"weight", "bias"}
+    assert set(variables["batch_stats"]) == {"running_mean", "running_var", "num_batches_tracked"}
+
+
+def test_param_dtype_and_dtype_fields():
+    model = jbn.BatchNorm1d(3, param_dtype=jnp.bfloat16, dtype=jnp.float32)
+    x = _x((8, 3)).astype(jnp.bfloat16)
+    variables = model.init(jax.random.key(0), x, train=False)
+    assert variables["params"]["weight"].dtype == jnp.bfloat16
+    assert variables["batch_stats"]["running_var"].dtype == jnp.float32
+    assert model.apply(variables, x, train=False).dtype == jnp.float32
+
+
+class _Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(4, (3, 3), use_bias=False)(x)
+        x = jbn.BatchNorm2d(4, axis=-1)(x, train)
+        return jnp.mean(nn.relu(x))
+
+
+@pytest.mark.parametrize("transform", ["eager", "jit", "vmap", "remat"])
+def test_transforms_give_the_same_results_as_eager(transform):
+    x = _x((4, 3, 5, 5))
+    params, state = jbn.init(3)
+
+    def f(x):
+        return jbn.batch_norm(params, state, x, True)
+
+    y, new_state = f(x)
+    if transform == "jit":
+        y2, state2 = jax.jit(f)(x)
+    elif transform == "vmap":  # an ensemble axis: each member normalized on its own
+        y2, state2 = jax.vmap(f)(jnp.stack([x, x]))
+        y2, state2 = y2[1], jax.tree_util.tree_map(lambda a: a[1], state2)
+    elif transform == "remat":
+        y2, state2 = jax.checkpoint(f)(x)
+    else:
+        y2, state2 = f(x)
+    np.testing.assert_allclose(y2, y, rtol=1e-6, atol=1e-6)
+    for key in new_state:
+        np.testing.assert_allclose(state2[key], new_state[key], rtol=1e-6)
+
+
+def test_gradient_through_remat_and_jit_equals_eager():
+    x = _x((4, 3, 5, 5))
+    params, state = jbn.init(3)
+
+    def loss(params, x):
+        y, _ = jbn.batch_norm(params, state, x, True)
+        return jnp.sum(jnp.tanh(y))
+
+    eager = jax.grad(loss, argnums=(0, 1))(params, x)
+    for wrapped in (jax.jit(jax.grad(loss, argnums=(0, 1))),
+                    jax.grad(jax.checkpoint(loss), argnums=(0, 1))):
+        for a, b in zip(jax.tree_util.tree_leaves(wrapped(params, x)), jax.tree_util.tree_leaves(eager)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_flax_model_trains_and_evaluates_in_a_jitted_step():
+    model = _Net()
+    x = jnp.moveaxis(_x((4, 3, 6, 6)), 1, -1)
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    @jax.jit
+    def step(variables, x):
+        def loss(params):
+            out, updates = model.apply({**variables, "params": params}, x, train=True,
+                                       mutable=["batch_stats"])
+            return out, updates
+        (out, updates), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        params = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, variables["params"], grads)
+        return {"params": params, **updates}, out
+
+    new_variables, _ = step(variables, x)
+    assert int(new_variables["batch_stats"]["BatchNorm2d_0"]["num_batches_tracked"]) == 1
+    assert not np.allclose(new_variables["params"]["BatchNorm2d_0"]["weight"], 1.0)
+    assert np.isfinite(model.apply(new_variables, x, train=False))

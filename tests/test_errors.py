@@ -1,0 +1,132 @@
+"""Every row of API.md's error table, raised at trace time with a message that names both sides."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jbn
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1), (1, 3, 1, 1, 1)])
+def test_training_with_one_value_per_channel_raises_like_torch(shape):
+    message = re.escape(f"Expected more than 1 value per channel when training, got input of shape {shape}")
+    with pytest.raises(ValueError, match=message):
+        jbn.batch_norm(*jbn.init(3), jnp.ones(shape), True)
+    with pytest.raises(ValueError, match=message):  # at trace time, under jit too
+        jax.jit(lambda x: jbn.batch_norm(*jbn.init(3), x, True))(jnp.ones(shape))
+
+
+def test_one_value_per_channel_is_fine_in_evaluation_with_running_statistics():
+    y, _ = jbn.batch_norm(*jbn.init(3), jnp.ones((1, 3)), False)
+    assert y.shape == (1, 3)
+
+
+def test_one_value_per_channel_raises_in_evaluation_without_running_statistics():
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        jbn.batch_norm(*jbn.init(3, track_running_stats=False), jnp.ones((1, 3)), False)
+
+
+@pytest.mark.parametrize("affine, track", [(True, True), (True, False), (False, True)])
+def test_channel_count_mismatch_names_both_counts(affine, track):
+    params, state = jbn.init(4, affine=affine, track_running_stats=track)
+    with pytest.raises(ValueError, match=r"3 channels.*num_features=4"):
+        jbn.batch_norm(params, state, jnp.ones((2, 3, 5)), True)
+
+
+def test_module_channel_count_mismatch_names_both_counts():
+    with pytest.raises(ValueError, match=r"3 channels.*num_features=4"):
+        jbn.BatchNorm1d(4).init(jax.random.key(0), jnp.ones((2, 3)), train=False)
+
+
+@pytest.mark.parametrize(
+    "module, ndim, message",
+    [
+        (jbn.BatchNorm1d, 4, "expected 2D or 3D input (got 4D input)"),
+        (jbn.BatchNorm1d, 1, "expected 2D or 3D input (got 1D input)"),
+        (jbn.BatchNorm2d, 2, "expected 3D or 4D input (got 2D input)"),
+        (jbn.BatchNorm2d, 5, "expected 3D or 4D input (got 5D input)"),
+        (jbn.BatchNorm3d, 3, "expected 4D or 5D input (got 3D input)"),
+        (jbn.BatchNorm3d, 6, "expected 4D or 5D input (got 6D input)"),
+    ],
+)
+def test_wrong_rank_for_the_module_raises(module, ndim, message):
+    x = jnp.ones((2,) * (ndim - 1) + (3,)) if ndim > 1 else jnp.ones((3,))
+    x = jnp.moveaxis(x, -1, 1) if ndim > 1 else x
+    with pytest.raises(ValueError, match=re.escape(message)):
+        module(3).init(jax.random.key(0), x, train=False)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, jnp.bool_, jnp.complex64])
+def test_non_floating_input_raises_type_error_naming_the_dtype(dtype):
+    x = jnp.zeros((4, 3), dtype)
+    with pytest.raises(TypeError, match=str(jnp.dtype(dtype))):
+        jbn.batch_norm(*jbn.init(3), x, True)
+    with pytest.raises(TypeError, match="floating"):
+        jbn.BatchNorm1d(3).init(jax.random.key(0), x, train=False)
+
+
+def test_unbound_axis_name_raises_name_error_naming_the_axis():
+    with pytest.raises(NameError, match="'batch'"):
+        jbn.batch_norm(*jbn.init(3), jnp.ones((4, 3)), True, axis_name="batch")
+    model = jbn.SyncBatchNorm(3, axis_name="batch")
+    variables = model.init(jax.random.key(0), jnp.ones((4, 3)), train=False)
+    with pytest.raises(NameError, match="'batch'"):
+        model.apply(variables, jnp.ones((4, 3)), train=True, mutable=["batch_stats"])
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.5, float("nan")])
+def test_momentum_outside_unit_interval_raises_at_construction(momentum):
+    with pytest.raises(ValueError, match="momentum"):
+        jbn.BatchNorm2d(3, momentum=momentum)
+    with pytest.raises(ValueError, match="momentum"):
+        jbn.batch_norm(*jbn.init(3), jnp.ones((4, 3)), True, momentum=momentum)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("inf")])
+def test_non_positive_eps_raises_at_construction(eps):
+    with pytest.raises(ValueError, match="eps"):
+        jbn.BatchNorm2d(3, eps=eps)
+    with pytest.raises(ValueError, match="eps"):
+        jbn.batch_norm(*jbn.init(3), jnp.ones((4, 3)), True, eps=eps)
+
+
+@pytest.mark.parametrize("num_features", [0, -2])
+def test_num_features_below_one_raises_at_construction(num_features):
+    with pytest.raises(ValueError, match="num_features"):
+        jbn.BatchNorm1d(num_features)
+    with pytest.raises(ValueError, match="num_features"):
+        jbn.init(num_features)
+
+
+def test_sync_batch_norm_without_axis_name_raises_at_construction():
+    with pytest.raises(ValueError, match="axis_name"):
+        jbn.SyncBatchNorm(3)
+
+
+def test_traced_train_flag_raises_type_error_with_a_hint():
+    with pytest.raises(TypeError, match="static"):
+        jax.jit(lambda x, t: jbn.batch_norm(*jbn.init(3), x, t))(jnp.ones((4, 3)), True)
+
+
+def test_axis_out_of_range_raises():
+    with pytest.raises(ValueError, match="axis 2 is out of range"):
+        jbn.batch_norm(*jbn.init(3), jnp.ones((4, 3)), True, axis=2)
+
+
+def test_misshapen_mask_raises_naming_the_expected_shape():
+    with pytest.raises(ValueError, match=r"\(4, 5\)"):
+        jbn.batch_norm(*jbn.init(3), jnp.ones((4, 3, 5)), True, mask=jnp.ones((4, 3), bool))
+    with pytest.raises(TypeError, match="boolean"):
+        jbn.batch_norm(*jbn.init(3), jnp.ones((4, 3, 5)), True, mask=jnp.ones((4, 5)))
+
+
+def test_state_with_missing_keys_raises():
+    params, state = jbn.init(3)
+    del state["num_batches_tracked"]
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        jbn.batch_norm(params, state, np.ones((4, 3), np.float32), True)

@@ -1,0 +1,101 @@
+"""One layer's state_dict between PyTorch and Flax: exact round trips and clear errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jbn
+
+
+def _trained_torch_layer(**kwargs):
+    torch.manual_seed(0)
+    layer = torch.nn.BatchNorm2d(4, **kwargs)
+    if layer.affine:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 2.0)
+            layer.bias.uniform_(-1.0, 1.0)
+    for _ in range(3):
+        layer(torch.randn(5, 4, 3, 3) * 3 + 1)
+    return layer
+
+
+@pytest.mark.parametrize("affine, track", [(True, True), (False, True), (True, False)])
+def test_torch_state_dict_loads_and_gives_torch_outputs(affine, track):
+    layer = _trained_torch_layer(affine=affine, track_running_stats=track)
+    variables = jbn.from_torch_state_dict(layer.state_dict())
+    assert set(variables) == {name for name, kept in (("params", affine), ("batch_stats", track)) if kept}
+    x = torch.randn(6, 4, 3, 3)
+    layer.eval()
+    expected = layer(x).detach().numpy()
+    model = jbn.BatchNorm2d(4, affine=affine, track_running_stats=track)
+    np.testing.assert_allclose(model.apply(variables, x.numpy(), train=False), expected,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_round_trip_is_exact_including_num_batches_tracked():
+    layer = _trained_torch_layer()
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    state_dict = jbn.to_torch_state_dict(jbn.from_torch_state_dict(original))
+    assert list(state_dict) == list(original)
+    assert state_dict["num_batches_tracked"].dtype == np.int64
+    assert state_dict["num_batches_tracked"].shape == ()
+    fresh = torch.nn.BatchNorm2d(4)
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
+    for key, value in original.items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_flax_variables_round_trip_through_torch():
+    model = jbn.BatchNorm2d(4)
+    x = np.random.default_rng(0).standard_normal((5, 4, 3, 3)).astype(np.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    variables = {**variables, **updates}
+    back = jbn.from_torch_state_dict(
+        {k: torch.from_numpy(v) for k, v in jbn.to_torch_state_dict(variables).items()})
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(variables)):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+
+
+def test_numpy_arrays_are_accepted():
+    state_dict = {k: v.numpy() for k, v in _trained_torch_layer().state_dict().items()}
+    variables = jbn.from_torch_state_dict(state_dict)
+    assert isinstance(variables["params"]["weight"], jax.Array)
+    assert variables["batch_stats"]["num_batches_tracked"].dtype == jnp.int32
+    assert int(variables["batch_stats"]["num_batches_tracked"]) == 3
+
+
+def test_missing_key_raises_naming_it():
+    state_dict = _trained_torch_layer().state_dict()
+    del state_dict["running_var"]
+    with pytest.raises(KeyError, match="running_var"):
+        jbn.from_torch_state_dict(state_dict)
+
+
+def test_prefixed_or_unknown_key_raises_naming_it():
+    state_dict = {"bn1." + k: v for k, v in _trained_torch_layer().state_dict().items()}
+    with pytest.raises(KeyError, match="bn1.weight"):
+        jbn.from_torch_state_dict(state_dict)
+
+
+def test_misshapen_entries_raise():
+    state_dict = _trained_torch_layer().state_dict()
+    state_dict["bias"] = torch.zeros(5)
+    with pytest.raises(ValueError, match=r"\[4, 5\]"):
+        jbn.from_torch_state_dict(state_dict)
+    state_dict = _trained_torch_layer().state_dict()
+    state_dict["weight"] = torch.zeros(4, 1)
+    with pytest.raises(ValueError, match="weight"):
+        jbn.from_torch_state_dict(state_dict)
+
+
+def test_to_torch_state_dict_rejects_incomplete_variables():
+    variables = jbn.BatchNorm2d(4).init(jax.random.key(0), jnp.ones((2, 4, 3, 3)), train=False)
+    del variables["batch_stats"]["running_mean"]
+    with pytest.raises(KeyError, match="running_mean"):
+        jbn.to_torch_state_dict(variables)
