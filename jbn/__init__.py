@@ -9,6 +9,7 @@ The functional core is :func:`batch_norm` with :func:`init`; the Flax linen modu
 from jbn._batch_norm import batch_norm as batch_norm
 from jbn._batch_norm import init as init
 from jbn._fold import fold_conv_bn as fold_conv_bn
+from jbn._frozen import FrozenBatchNorm2d as FrozenBatchNorm2d
 from jbn._linen import BatchNorm1d as BatchNorm1d
 from jbn._linen import BatchNorm2d as BatchNorm2d
 from jbn._linen import BatchNorm3d as BatchNorm3d
@@ -22,6 +23,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "FrozenBatchNorm2d",
     "SyncBatchNorm",
     "batch_norm",
     "fold_conv_bn",

@@ -1,0 +1,102 @@
+"""FrozenBatchNorm2d against its formula and against torch BatchNorm2d in evaluation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jbn
+
+
+def _trained_torch_bn(seed=0):
+    torch.manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(4))
+        bn.bias.copy_(torch.randn(4))
+        bn.running_mean.copy_(torch.randn(4))
+        bn.running_var.copy_(torch.rand(4) + 0.1)
+        bn.num_batches_tracked.fill_(12)
+    return bn.eval()
+
+
+def _x(shape=(2, 4, 5, 6), seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * 3 + 1
+
+
+def test_default_eps_and_initial_tensors_are_torchvisions():
+    layer = jbn.FrozenBatchNorm2d(4)
+    assert layer.eps == 1e-5
+    stats = layer.init(jax.random.key(0), jnp.ones((2, 4, 3, 3)))["batch_stats"]
+    assert set(stats) == {"weight", "bias", "running_mean", "running_var"}
+    np.testing.assert_array_equal(stats["weight"], np.ones(4))
+    np.testing.assert_array_equal(stats["bias"], np.zeros(4))
+    np.testing.assert_array_equal(stats["running_mean"], np.zeros(4))
+    np.testing.assert_array_equal(stats["running_var"], np.ones(4))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_output_equals_torchvision_formula(train):
+    tbn = _trained_torch_bn()
+    variables = jbn.FrozenBatchNorm2d.from_torch_state_dict(tbn.state_dict())
+    s = {k: np.asarray(v, np.float64) for k, v in variables["batch_stats"].items()}
+    x = _x()
+    # torchvision: scale = w * rsqrt(rv + eps); shift = b - rm * scale; y = x * scale + shift
+    scale = s["weight"] * (s["running_var"] + 1e-5) ** -0.5
+    shift = s["bias"] - s["running_mean"] * scale
+    expected = x * scale[:, None, None] + shift[:, None, None]
+    y = jbn.FrozenBatchNorm2d(4).apply(variables, jnp.asarray(x), train=train)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_equals_torch_batch_norm_2d_in_eval_and_channels_last_too():
+    tbn = _trained_torch_bn()
+    x = _x()
+    expected = tbn(torch.from_numpy(x)).detach().numpy()
+    variables = jbn.FrozenBatchNorm2d.from_torch_state_dict(tbn.state_dict())
+    y = jbn.FrozenBatchNorm2d(4).apply(variables, jnp.asarray(x))
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+    y_last = jbn.FrozenBatchNorm2d(4, axis=-1).apply(variables, jnp.asarray(x).transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(y_last.transpose(0, 3, 1, 2), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_training_does_not_change_the_tensors():
+    tbn = _trained_torch_bn()
+    variables = jbn.FrozenBatchNorm2d.from_torch_state_dict(tbn.state_dict())
+    _, updates = jbn.FrozenBatchNorm2d(4).apply(variables, jnp.asarray(_x()), train=True,
+                                                mutable=["batch_stats"])
+    for k, v in variables["batch_stats"].items():
+        np.testing.assert_array_equal(updates["batch_stats"][k], v)
+
+
+def test_no_gradient_reaches_the_tensors_and_input_gradient_is_the_scale():
+    tbn = _trained_torch_bn()
+    variables = jbn.FrozenBatchNorm2d.from_torch_state_dict(tbn.state_dict())
+    layer = jbn.FrozenBatchNorm2d(4)
+    x = jnp.asarray(_x())
+    grads_v, grads_x = jax.grad(lambda v, x: jnp.sum(layer.apply(v, x)), argnums=(0, 1))(variables, x)
+    for g in jax.tree.leaves(grads_v):
+        np.testing.assert_array_equal(g, np.zeros(4))
+    s = variables["batch_stats"]
+    scale = s["weight"] / np.sqrt(s["running_var"] + 1e-5)
+    np.testing.assert_allclose(grads_x, np.broadcast_to(scale[:, None, None], x.shape), rtol=1e-6)
+    assert not layer.init(jax.random.key(0), x).get("params")
+
+
+def test_loads_a_four_tensor_frozen_state_dict_and_rejects_missing_keys():
+    sd = {k: v for k, v in _trained_torch_bn().state_dict().items() if k != "num_batches_tracked"}
+    variables = jbn.FrozenBatchNorm2d.from_torch_state_dict(sd)
+    np.testing.assert_array_equal(variables["batch_stats"]["running_var"], sd["running_var"].numpy())
+    del sd["running_var"]
+    with pytest.raises(KeyError, match="running_var"):
+        jbn.FrozenBatchNorm2d.from_torch_state_dict(sd)
+
+
+def test_unbatched_sample_and_rank_check():
+    variables = jbn.FrozenBatchNorm2d.from_torch_state_dict(_trained_torch_bn().state_dict())
+    layer = jbn.FrozenBatchNorm2d(4)
+    x = jnp.asarray(_x())
+    np.testing.assert_array_equal(layer.apply(variables, x[0]), layer.apply(variables, x)[0])
+    with pytest.raises(ValueError, match=r"expected 3D or 4D input \(got 2D input\)"):
+        layer.apply(variables, x[0, :, 0])
