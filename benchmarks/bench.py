@@ -1,0 +1,272 @@
+"""Times jbn's batch norm against flax.linen.BatchNorm and torch on ResNet-50's batch-norm shapes.
+
+Run from the repository root::
+
+    python benchmarks/bench.py [--quick] [--out benchmarks/RESULTS.md]
+
+Implementations (one interleaved run: each repeat calls every implementation once, in
+turn; the median of the repeats is reported; warm-up and compilation are excluded; JAX
+results are waited for with ``block_until_ready``):
+
+- ``jbn``: ``jbn.batch_norm`` with ``axis=1`` (NCHW) or ``axis=-1`` (NHWC);
+- ``flax-fast``: ``flax.linen.BatchNorm(use_fast_variance=True)`` (``E[x^2] - E[x]^2``);
+- ``flax-stable``: ``flax.linen.BatchNorm(use_fast_variance=False)`` (two passes);
+- ``torch``: ``torch.nn.BatchNorm2d``, contiguous (NCHW) or ``channels_last`` (NHWC);
+  on the CPU here, cuDNN on a GPU.
+
+Modes: ``train`` (training forward: ``y`` and the new running statistics), ``eval``
+(evaluation forward), ``bwd`` (the backward alone: the vjp of a training forward,
+already computed, applied to ``dy``; gradients for ``x``, weight and bias) and
+``fwd+bwd`` (both in one call). Ratios are jbn's time over the peer's: below 1 means
+jbn is faster.
+
+Batch norm is memory-bound; the floor of each mode is the bytes it must move over the
+device's copy bandwidth (measured first): training forward reads ``x`` twice and writes
+``y`` (3 bytes-of-x), evaluation 2, backward 5 (reduce over ``dy`` and ``x``, read them
+again, write ``dx``), forward+backward 6 (the statistics pass, then the backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+import jbn  # noqa: E402
+
+MODES = ("train", "eval", "bwd", "fwd+bwd")
+BYTES_OF_X = {"train": 3, "eval": 2, "bwd": 5, "fwd+bwd": 6}
+PEERS = ("flax-fast", "flax-stable", "torch")
+IMPLS = ("jbn",) + PEERS
+DTYPES = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, torch.bfloat16)}
+# (C, H, W) of the batch norms in ResNet-50 (stem, then the output of each stage).
+RESNET50_SHAPES = ((64, 112, 112), (256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))
+
+Modes = dict[str, Callable[[], Any]]
+
+
+def jax_modes(apply_train: Callable, apply_eval: Callable, params: Any, x: jax.Array,
+              dy: jax.Array) -> Modes:
+    """The four timed calls of a JAX implementation.
+
+    Args:
+      apply_train: ``(params, x) -> (y, new_state)``, a training forward.
+      apply_eval: ``(params, x) -> y``, an evaluation forward.
+      params: the differentiable parameters (weight and bias).
+      x, dy: input and output cotangent, of the same shape and dtype.
+    """
+    train = jax.jit(apply_train)
+    evaluate = jax.jit(apply_eval)
+    vjp = jax.jit(lambda p, x: jax.vjp(lambda p, x: apply_train(p, x)[0], p, x)[1])
+    vjp_fn = vjp(params, x)
+    backward = jax.jit(lambda f, dy: f(dy))
+    fwd_bwd = jax.jit(lambda p, x, dy: jax.vjp(lambda p, x: apply_train(p, x)[0], p, x)[1](dy))
+    return {
+        "train": lambda: train(params, x),
+        "eval": lambda: evaluate(params, x),
+        "bwd": lambda: backward(vjp_fn, dy),
+        "fwd+bwd": lambda: fwd_bwd(params, x, dy),
+    }
+
+
+def jbn_modes(x: jax.Array, dy: jax.Array, axis: int) -> Modes:
+    """jbn.batch_norm with PyTorch's defaults."""
+    params, state = jbn.init(x.shape[axis])
+    return jax_modes(
+        lambda p, x: jbn.batch_norm(p, state, x, True, axis=axis),
+        lambda p, x: jbn.batch_norm(p, state, x, False, axis=axis)[0],
+        params, x, dy,
+    )
+
+
+def flax_modes(x: jax.Array, dy: jax.Array, axis: int, fast: bool) -> Modes:
+    """flax.linen.BatchNorm with PyTorch's eps and momentum, output in the input's dtype."""
+    module = nn.BatchNorm(axis=axis, momentum=0.9, epsilon=1e-5, use_fast_variance=fast,
+                          dtype=x.dtype)
+    variables = module.init(jax.random.key(0), x, use_running_average=True)
+    stats = variables["batch_stats"]
+    return jax_modes(
+        lambda p, x: module.apply({"params": p, "batch_stats": stats}, x,
+                                  use_running_average=False, mutable=["batch_stats"]),
+        lambda p, x: module.apply({"params": p, "batch_stats": stats}, x,
+                                  use_running_average=True),
+        variables["params"], x, dy,
+    )
+
+
+def torch_modes(x_nchw: np.ndarray, dy_nchw: np.ndarray, dtype: torch.dtype,
+                channels_last: bool) -> Modes:
+    """torch.nn.BatchNorm2d (float32 parameters, as with autocast) on the torch device."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.from_numpy(x_nchw).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+    dy = torch.from_numpy(dy_nchw).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+    bn = torch.nn.BatchNorm2d(x.shape[1]).to(device)
+    xg = x.detach().requires_grad_(True)
+    inputs = [xg, bn.weight, bn.bias]
+    bn.train()
+    kept = bn(xg)  # the graph that ``bwd`` differentiates again and again
+
+    def train():
+        bn.train()
+        with torch.no_grad():
+            return bn(x)
+
+    def evaluate():
+        bn.eval()
+        with torch.no_grad():
+            return bn(x)
+
+    def backward():
+        return torch.autograd.grad(kept, inputs, dy, retain_graph=True)
+
+    def fwd_bwd():
+        bn.train()
+        return torch.autograd.grad(bn(xg), inputs, dy)
+
+    return {"train": train, "eval": evaluate, "bwd": backward, "fwd+bwd": fwd_bwd}
+
+
+def all_modes(shape_nchw: tuple[int, ...], dtype_name: str, layout: str, seed: int = 0
+              ) -> dict[str, Modes]:
+    """Every implementation's timed calls for one shape (given as NCHW), dtype and layout."""
+    jdtype, tdtype = DTYPES[dtype_name]
+    rng = np.random.default_rng(seed)
+    x_nchw = rng.standard_normal(shape_nchw, dtype=np.float32)
+    dy_nchw = rng.standard_normal(shape_nchw, dtype=np.float32)
+    nhwc = layout == "NHWC"
+    axis = -1 if nhwc else 1
+    to_jax = (lambda a: jnp.asarray(np.moveaxis(a, 1, -1), jdtype)) if nhwc else (
+        lambda a: jnp.asarray(a, jdtype))
+    x, dy = to_jax(x_nchw), to_jax(dy_nchw)
+    out: dict[str, Modes] = {
+        "jbn": jbn_modes(x, dy, axis),
+        "flax-fast": flax_modes(x, dy, axis, fast=True),
+        "flax-stable": flax_modes(x, dy, axis, fast=False),
+    }
+    try:
+        out["torch"] = torch_modes(x_nchw, dy_nchw, tdtype, channels_last=nhwc)
+        _common.sync(out["torch"]["fwd+bwd"]())
+    except RuntimeError as e:  # a dtype/layout torch does not support on this device
+        print(f"torch skipped for {shape_nchw} {dtype_name} {layout}: {e}")
+    return out
+
+
+def copy_bandwidth(nbytes: int) -> float:
+    """Device copy bandwidth in bytes/s: ``y = x + 1`` over a float32 array (read + write)."""
+    x = jnp.zeros((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a + 1)
+    ms = _common.interleaved_medians({"copy": lambda: f(x)}, repeats=20)["copy"]
+    return 2 * x.nbytes / (ms * 1e-3)
+
+
+def run(shapes: list[tuple[int, ...]], linear: list[tuple[int, ...]], repeats: int,
+        warmup: int, out_path: str | None) -> str:
+    """Runs the whole suite; prints and returns (and writes to ``out_path``) the markdown."""
+    gpu = _common.on_gpu()
+    bandwidth = copy_bandwidth((256 if gpu else 64) * 2**20)
+    configs = [(s, d, lay) for s in shapes for d in DTYPES for lay in ("NCHW", "NHWC")]
+    linear_configs = [(s, "float32", lay) for lay in ("NCHW", "NHWC") for s in linear]
+    results: dict[tuple, dict[str, dict[str, float]]] = {}
+    with _common.progress() as bar:
+        task = bar.add_task("batch norm", total=len(configs) + len(linear_configs))
+        for config in configs + linear_configs:
+            if config in results:
+                bar.advance(task)
+                continue
+            shape, dtype_name, layout = config
+            bar.update(task, description=f"{layout} {dtype_name} {shape}")
+            modes = all_modes(shape, dtype_name, layout)
+            flat = {(impl, m): fn for impl, ms in modes.items() for m, fn in ms.items()}
+            med = _common.interleaved_medians(flat, repeats=repeats, warmup=warmup)
+            results[config] = {
+                m: {impl: med.get((impl, m), float("nan")) for impl in IMPLS} for m in MODES
+            }
+            bar.advance(task)
+
+    def rows(cfgs, modes=MODES):
+        for shape, dtype_name, layout in cfgs:
+            itemsize = jnp.dtype(DTYPES[dtype_name][0]).itemsize
+            for m in modes:
+                t = results[(shape, dtype_name, layout)][m]
+                row = [layout, dtype_name, "x".join(map(str, shape)), m]
+                row += [t[i] for i in IMPLS]
+                row += [t["jbn"] / t[p] for p in PEERS]
+                if gpu:
+                    floor = BYTES_OF_X[m] * np.prod(shape) * itemsize / bandwidth * 1e3
+                    row += [floor, floor / t["jbn"]]
+                yield row
+
+    header = ["layout", "dtype", "shape (NCHW)", "mode"] + [f"{i} ms" for i in IMPLS]
+    header += [f"jbn / {p}" for p in PEERS]
+    if gpu:
+        header += ["floor ms", "jbn at floor"]
+    summary = []
+    for layout in ("NCHW", "NHWC"):
+        for dtype_name in DTYPES:
+            for m in MODES:
+                ts = [results[(s, dtype_name, layout)][m] for s in shapes]
+                summary.append([layout, dtype_name, m] + [
+                    _common.geomean(t["jbn"] / t[p] for t in ts) for p in PEERS])
+    text = "\n".join([
+        "## Batch norm alone" + (" (quick run, tiny shapes)" if len(shapes) < 3 else ""),
+        "",
+        *_common.machine_lines(),
+        f"- copy bandwidth (y = x + 1): {bandwidth / 1e9:.1f} GB/s",
+        f"- median of {repeats} interleaved repeats; ratios are jbn's time over the peer's "
+        "(below 1: jbn is faster)",
+        "",
+        "### Summary: geometric mean over the shapes of jbn's time ratio",
+        "",
+        _common.markdown_table(["layout", "dtype", "mode"] + [f"jbn / {p}" for p in PEERS],
+                               summary),
+        "",
+        "### Every shape",
+        "",
+        _common.markdown_table(header, rows(configs)),
+        "",
+        "### Linear cost in the batch size (float32)",
+        "",
+        _common.markdown_table(header, rows(linear_configs, ("train", "fwd+bwd"))),
+        "",
+    ])
+    print(text)
+    if out_path:
+        with open(out_path, "w") as f:
+            f.write("# Benchmark results\n\n" + text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
+    parser.add_argument("--out", default=None, help="write the markdown table here")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size (default: 256 on a GPU, 2 on a CPU)")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        shapes = [(2, 8, 8, 8), (2, 16, 4, 4)]
+        linear = [(n, 8, 8, 8) for n in (2, 4, 8)]
+        repeats, warmup = args.repeats or 3, 1
+    else:
+        n = args.batch or (256 if _common.on_gpu() else 2)
+        shapes = [(n,) + chw for chw in RESNET50_SHAPES]
+        linear = [(b,) + RESNET50_SHAPES[1] for b in (n // 2 or 1, n, 2 * n)]
+        repeats, warmup = args.repeats or 21, 3
+    run(shapes, linear, repeats, warmup, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The backward pass of a training batch norm keeps little more than the input.
+
+jbn rematerializes the normalization and keeps only ``x`` and O(C) statistics for the
+backward pass; flax.linen.BatchNorm keeps the input and the normalized input (about twice
+the input's bytes in float32). The residuals are the leaves of the function ``jax.vjp``
+returns, so their bytes are what the backward pass holds on to.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jbn
+
+SHAPES = {"NCHW": ((4, 16, 8, 8), 1), "NHWC": ((4, 8, 8, 16), -1)}
+
+
+def residual_bytes(fn, *args) -> int:
+    """Bytes of every array ``jax.vjp(fn, *args)`` keeps for the backward pass."""
+    _, vjp_fn = jax.vjp(fn, *args)
+    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(vjp_fn))
+
+
+def make_input(layout: str, dtype) -> tuple[jax.Array, int]:
+    shape, axis = SHAPES[layout]
+    x = np.random.default_rng(0).standard_normal(shape) * 3 + 5
+    return jnp.asarray(x, dtype), axis
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_training_residuals_are_at_most_the_input_plus_5_percent(dtype, layout, affine):
+    x, axis = make_input(layout, dtype)
+    params, state = jbn.init(x.shape[axis], affine=affine)
+
+    def f(params, x):
+        return jbn.batch_norm(params, state, x, True, axis=axis)[0]
+
+    assert residual_bytes(f, params, x) <= 1.05 * x.nbytes
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_flax_batch_norm_keeps_about_twice_the_input(dtype, layout):
+    x, axis = make_input(layout, dtype)
+    module = nn.BatchNorm(use_running_average=False, axis=axis, dtype=dtype)
+    variables = module.init(jax.random.key(0), x)
+
+    def f(params, x):
+        return module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                            mutable=["batch_stats"])[0]
+
+    assert residual_bytes(f, variables["params"], x) > 1.5 * x.nbytes
+
+
+def test_training_residuals_through_the_linen_module_stay_near_the_input():
+    x, axis = make_input("NHWC", jnp.float32)
+    module = jbn.BatchNorm2d(x.shape[axis], axis=axis)
+    variables = module.init(jax.random.key(0), x, train=False)
+
+    def f(params, x):
+        return module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                            train=True, mutable=["batch_stats"])[0]
+
+    assert residual_bytes(f, variables["params"], x) <= 1.05 * x.nbytes
