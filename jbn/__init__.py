@@ -14,6 +14,7 @@ from jbn._linen import BatchNorm1d as BatchNorm1d
 from jbn._linen import BatchNorm2d as BatchNorm2d
 from jbn._linen import BatchNorm3d as BatchNorm3d
 from jbn._linen import SyncBatchNorm as SyncBatchNorm
+from jbn._recalibrate import recalibrate_batch_stats as recalibrate_batch_stats
 from jbn._torch import from_torch_state_dict as from_torch_state_dict
 from jbn._torch import to_torch_state_dict as to_torch_state_dict
 
@@ -29,5 +30,6 @@ __all__ = [
     "fold_conv_bn",
     "from_torch_state_dict",
     "init",
+    "recalibrate_batch_stats",
     "to_torch_state_dict",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -11,6 +12,10 @@ from jax.typing import DTypeLike
 
 from jbn import _checks
 from jbn._batch_norm import batch_norm
+
+# While set (by ``recalibrate_batch_stats``), the momentum every module uses in place of its
+# own field, e.g. None for the cumulative average. Read when a module is traced.
+MOMENTUM_OVERRIDE: contextvars.ContextVar[Any] = contextvars.ContextVar("jbn_momentum_override")
 
 
 class _BatchNorm(nn.Module):
@@ -55,13 +60,7 @@ class _BatchNorm(nn.Module):
         super().__post_init__()
 
     def _check_rank(self, ndim: int) -> None:
-        ranks = self._batched_ranks
-        if ranks is None:
-            return
-        accepted = sorted({*ranks, *(() if self._unbatched_rank is None else (self._unbatched_rank,))})
-        if ndim not in accepted:
-            expected = " or ".join(f"{r}D" for r in accepted)
-            raise ValueError(f"expected {expected} input (got {ndim}D input)")
+        _checks.check_rank(ndim, self._batched_ranks, self._unbatched_rank)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, *, mask: jax.Array | None = None) -> jax.Array:
@@ -108,7 +107,7 @@ class _BatchNorm(nn.Module):
             train,
             axis=self.axis,
             eps=self.eps,
-            momentum=self.momentum,
+            momentum=MOMENTUM_OVERRIDE.get(self.momentum),
             # init neither synchronizes nor needs a bound axis name.
             axis_name=None if initializing else self.axis_name,
             axis_index_groups=None if initializing else self.axis_index_groups,

@@ -1,0 +1,108 @@
+"""Recomputing running statistics over a stream of batches (PreciseBN, ``swa_utils.update_bn``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jbn._checks import STATE_KEYS
+from jbn._linen import MOMENTUM_OVERRIDE
+
+
+def _reset(tree: Any) -> tuple[Any, int]:
+    """``tree`` with every batch-norm state reset as PyTorch's ``reset_running_stats``."""
+    if not isinstance(tree, Mapping):
+        return tree, 0
+    if set(STATE_KEYS) <= set(tree):
+        reset = dict(tree)
+        reset["running_mean"] = jnp.zeros_like(tree["running_mean"])
+        reset["running_var"] = jnp.ones_like(tree["running_var"])
+        reset["num_batches_tracked"] = jnp.zeros_like(tree["num_batches_tracked"])
+        return reset, 1
+    out, layers = {}, 0
+    for key, sub in tree.items():
+        out[key], n = _reset(sub)
+        layers += n
+    return out, layers
+
+
+def recalibrate_batch_stats(
+    apply_fn: Callable[[Any, Any], tuple[Any, Mapping[str, Any]]],
+    variables: Mapping[str, Any],
+    batches: Iterable[Any],
+    *,
+    jit: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Recomputes every jbn layer's running statistics as an equal-weight average over batches.
+
+    Mirrors ``torch.optim.swa_utils.update_bn`` (and PreciseBN): every batch-norm state
+    in ``variables["batch_stats"]`` (a dict holding ``running_mean``, ``running_var``
+    and ``num_batches_tracked``) is reset to zeros, ones and 0, then each batch is run
+    in training mode with every jbn linen module using ``momentum=None``, the
+    cumulative average. After K batches each layer holds
+
+    - ``running_mean`` = the average over the K batches of that layer's batch mean,
+    - ``running_var`` = the average over the K batches of its *unbiased* batch
+      variance (``n / (n - 1)`` times the biased one, n values per channel),
+    - ``num_batches_tracked`` = K.
+
+    For equal-size batches the first is the mean of all the data (at the layer's
+    input); the second is not the variance of all the data: it leaves out the spread
+    of the batch means. Each layer sees its input as produced by training-mode
+    layers before it. ``params`` and every other collection are returned unchanged.
+
+    Args:
+      apply_fn: ``apply_fn(variables, batch) -> (outputs, mutated)``, running the model
+        in training mode with ``batch_stats`` mutable, e.g.
+        ``lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])``. It is
+        traced here (the momentum override acts when the modules are traced), so it
+        must not be a function jitted beforehand.
+      variables: the model's variables, with a ``batch_stats`` collection.
+      batches: an iterable of batches, each passed to ``apply_fn`` as is.
+      jit: compile ``apply_fn`` once (batches of one shape) instead of running eagerly.
+      progress: show a progress bar (``rich``).
+
+    Returns:
+      ``variables`` with the recomputed ``batch_stats``.
+
+    Raises:
+      TypeError: ``apply_fn`` is already jitted.
+      ValueError: no jbn batch-norm state in ``variables["batch_stats"]``, or no batch.
+    """
+    if hasattr(apply_fn, "lower"):
+        raise TypeError(
+            "apply_fn is already jitted, so its cached trace would keep each layer's own "
+            "momentum; pass the plain function (recalibrate_batch_stats jits it itself)"
+        )
+    stats, layers = _reset(variables.get("batch_stats", {}))
+    if not layers:
+        raise ValueError(
+            "variables['batch_stats'] holds no batch-norm state (running_mean, running_var, "
+            "num_batches_tracked) to recalibrate"
+        )
+
+    def step(stats: Any, batch: Any) -> Any:
+        _, mutated = apply_fn({**variables, "batch_stats": stats}, batch)
+        return mutated["batch_stats"]
+
+    if jit:
+        step = jax.jit(step)
+    if progress:
+        from rich.progress import track
+
+        batches = track(batches, description="Recalibrating batch statistics")
+    seen = 0
+    token = MOMENTUM_OVERRIDE.set(None)
+    try:
+        for batch in batches:
+            stats = step(stats, batch)
+            seen += 1
+    finally:
+        MOMENTUM_OVERRIDE.reset(token)
+    if not seen:
+        raise ValueError("batches is empty: no batch to compute the statistics from")
+    return {**variables, "batch_stats": stats}

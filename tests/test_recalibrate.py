@@ -1,0 +1,124 @@
+"""recalibrate_batch_stats against the data's statistics and against torch's update_bn."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from torch.optim.swa_utils import update_bn
+
+import jbn
+
+
+class _Net(nn.Module):
+    """Linear -> BatchNorm1d -> ReLU -> Linear -> BatchNorm1d(momentum=0.3)."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = jbn.BatchNorm1d(5, name="bn0")(x, train)
+        x = nn.relu(jbn.BatchNorm1d(8, name="bn1")(nn.Dense(8, name="fc1")(x), train))
+        return jbn.BatchNorm1d(4, momentum=0.3, name="bn2")(nn.Dense(4, name="fc2")(x), train)
+
+
+def _torch_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.BatchNorm1d(5),
+        torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+        torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4, momentum=0.3),
+    )
+
+
+def _flax_variables(tnet):
+    params = {
+        "fc1": {"kernel": tnet[1].weight.detach().numpy().T, "bias": tnet[1].bias.detach().numpy()},
+        "fc2": {"kernel": tnet[4].weight.detach().numpy().T, "bias": tnet[4].bias.detach().numpy()},
+    }
+    variables = _Net().init(jax.random.key(0), jnp.ones((2, 5)), train=False)
+    return {"params": {**variables["params"], **jax.tree.map(jnp.asarray, params)},
+            "batch_stats": variables["batch_stats"]}
+
+
+def _apply(v, x):
+    return _Net().apply(v, x, train=True, mutable=["batch_stats"])
+
+
+def _batches(k=6, n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=(n, 5)) * [1, 2, 3, 4, 5] + [5, -3, 0, 1, 10]).astype(np.float32)
+            for _ in range(k)]
+
+
+def test_input_layer_gets_population_mean_and_average_unbiased_batch_variance():
+    batches = _batches()
+    out = jbn.recalibrate_batch_stats(_apply, _flax_variables(_torch_net()), batches)
+    stats = out["batch_stats"]["bn0"]
+    data = np.stack(batches).astype(np.float64)  # (K, n, 5)
+    np.testing.assert_allclose(stats["running_mean"], data.reshape(-1, 5).mean(0), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(stats["running_var"], data.var(axis=1, ddof=1).mean(0), rtol=1e-5)
+    assert int(stats["num_batches_tracked"]) == len(batches)
+
+
+def test_hidden_layer_gets_the_average_of_its_training_mode_batch_statistics():
+    tnet = _torch_net()
+    batches = _batches()
+    variables = _flax_variables(tnet)
+    out = jbn.recalibrate_batch_stats(_apply, variables, batches)
+    w = tnet[1].weight.detach().numpy().astype(np.float64)
+    b = tnet[1].bias.detach().numpy().astype(np.float64)
+    means, variances = [], []
+    for x in batches:
+        x = x.astype(np.float64)
+        h = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) @ w.T + b  # bn0 in training, then fc1
+        means.append(h.mean(0))
+        variances.append(h.var(0, ddof=1))
+    stats = out["batch_stats"]["bn1"]
+    np.testing.assert_allclose(stats["running_mean"], np.mean(means, 0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["running_var"], np.mean(variances, 0), rtol=1e-5)
+
+
+def test_matches_torch_update_bn_and_keeps_params():
+    tnet = _torch_net()
+    batches = _batches()
+    variables = _flax_variables(tnet)
+    # Running statistics before recalibration must not matter: start from other values.
+    variables["batch_stats"] = jax.tree.map(lambda a: a + 3, variables["batch_stats"])
+    out = jbn.recalibrate_batch_stats(_apply, variables, batches)
+    update_bn([torch.from_numpy(x) for x in batches], tnet)
+    for name, layer in (("bn0", tnet[0]), ("bn1", tnet[2]), ("bn2", tnet[5])):
+        stats = out["batch_stats"][name]
+        np.testing.assert_allclose(stats["running_mean"], layer.running_mean.numpy(), 1e-5, 1e-5)
+        np.testing.assert_allclose(stats["running_var"], layer.running_var.numpy(), 1e-5, 1e-5)
+        assert int(stats["num_batches_tracked"]) == int(layer.num_batches_tracked)
+    jax.tree.map(np.testing.assert_array_equal, out["params"], variables["params"])
+
+
+def test_modules_keep_their_momentum_after_recalibration():
+    batches = _batches(k=2)
+    out = jbn.recalibrate_batch_stats(_apply, _flax_variables(_torch_net()), batches, jit=False)
+    x = jnp.asarray(batches[0])
+    _, updates = _apply(out, x)
+    before, after = out["batch_stats"]["bn0"], updates["batch_stats"]["bn0"]
+    mean = np.asarray(x, np.float64).mean(0)
+    np.testing.assert_allclose(after["running_mean"], 0.9 * before["running_mean"] + 0.1 * mean,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_progress_bar_runs_and_result_is_the_same(capsys):
+    batches = _batches(k=3)
+    variables = _flax_variables(_torch_net())
+    quiet = jbn.recalibrate_batch_stats(_apply, variables, batches)
+    shown = jbn.recalibrate_batch_stats(_apply, variables, batches, progress=True)
+    jax.tree.map(np.testing.assert_array_equal, quiet, shown)
+
+
+def test_rejects_jitted_apply_fn_missing_state_and_no_batches():
+    variables = _flax_variables(_torch_net())
+    with pytest.raises(TypeError, match="already jitted"):
+        jbn.recalibrate_batch_stats(jax.jit(_apply), variables, _batches(k=1))
+    with pytest.raises(ValueError, match="no batch-norm state"):
+        jbn.recalibrate_batch_stats(_apply, {"params": variables["params"]}, _batches(k=1))
+    with pytest.raises(ValueError, match="empty"):
+        jbn.recalibrate_batch_stats(_apply, variables, [])
