@@ -8,6 +8,7 @@ The functional core is :func:`batch_norm` with :func:`init`; the Flax linen modu
 
 from jbn._batch_norm import batch_norm as batch_norm
 from jbn._batch_norm import init as init
+from jbn._convert import convert_sync_batchnorm as convert_sync_batchnorm
 from jbn._fold import fold_conv_bn as fold_conv_bn
 from jbn._frozen import FrozenBatchNorm2d as FrozenBatchNorm2d
 from jbn._linen import BatchNorm1d as BatchNorm1d
@@ -27,6 +28,7 @@ __all__ = [
     "FrozenBatchNorm2d",
     "SyncBatchNorm",
     "batch_norm",
+    "convert_sync_batchnorm",
     "fold_conv_bn",
     "from_torch_state_dict",
     "init",

@@ -514,42 +514,156 @@ def test_sync_batch_norm_training_under_pmap_updates_every_device_alike():
     _assert_state_close(jax.tree.map(lambda v: v[0], updates["batch_stats"]), rstate)
 
 
-class _SmallCNN(nn.Module):
-    """Conv, SyncBatchNorm, ReLU, twice: channels-last, as Flax models usually are."""
+class _CNN(nn.Module):
+    """Conv, batch norm, ReLU, twice, channels-last: SyncBatchNorm or unsynced BatchNorm2d."""
+
+    sync: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
         for i, features in enumerate((4, 6)):
             x = nn.Conv(features, (3, 3), use_bias=False, name=f"conv{i}")(x)
-            x = jbn.SyncBatchNorm(features, axis=-1, axis_name=AXIS, name=f"bn{i}")(x, train)
-            x = nn.relu(x)
+            if self.sync:
+                bn = jbn.SyncBatchNorm(features, axis=-1, axis_name=AXIS, name=f"bn{i}")
+            else:
+                bn = jbn.BatchNorm2d(features, axis=-1, name=f"bn{i}")
+            x = nn.relu(bn(x, train))
         return x
 
 
-def test_sync_batch_norm_in_a_model_under_pmap_equals_global_batch_batch_norm():
-    model = _SmallCNN()
-    x = np.random.default_rng(2).normal(size=(D * 2, 6, 6, 2)).astype(np.float32)
-    variables = model.init(jax.random.key(0), x, train=False)
+def _cnn_input():
+    return np.random.default_rng(2).normal(size=(D * 2, 6, 6, 2)).astype(np.float32)
 
+
+def _pmap_train(model, variables, x):
     def step(x):
         return model.apply(variables, x, train=True, mutable=["batch_stats"])
 
     y, updates = jax.pmap(step, axis_name=AXIS)(_split(x))
     _assert_same_on_every_device(updates)
+    return _concat(y), jax.tree.map(lambda v: v[0], updates)
 
-    # Reference: the same model with unsynced BatchNorm2d on the whole batch on one device.
-    class Unsynced(nn.Module):
-        @nn.compact
-        def __call__(self, x, train: bool):
-            for i, features in enumerate((4, 6)):
-                x = nn.Conv(features, (3, 3), use_bias=False, name=f"conv{i}")(x)
-                x = jbn.BatchNorm2d(features, axis=-1, name=f"bn{i}")(x, train)
-                x = nn.relu(x)
-            return x
 
-    ref_y, ref_updates = Unsynced().apply(variables, x, train=True, mutable=["batch_stats"])
-    np.testing.assert_allclose(_concat(y), ref_y, rtol=1e-5, atol=1e-5)
-    for got, want in zip(
-        jax.tree.leaves(jax.tree.map(lambda v: v[0], updates)), jax.tree.leaves(ref_updates)
-    ):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+def _assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+
+
+def test_sync_batch_norm_in_a_model_under_pmap_equals_global_batch_batch_norm():
+    x = _cnn_input()
+    variables = _CNN().init(jax.random.key(0), x, train=False)
+    y, updates = _pmap_train(_CNN(sync=True), variables, x)
+    # The same layers unsynced, on the whole batch on one device.
+    ref_y, ref_updates = _CNN().apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    _assert_trees_close(updates, ref_updates)
+
+
+# --- convert_sync_batchnorm ---------------------------------------------------------------
+
+
+def test_converted_model_has_the_models_variables():
+    x = _cnn_input()
+    want = _CNN().init(jax.random.key(0), x, train=False)
+    got = jbn.convert_sync_batchnorm(_CNN(), AXIS).init(jax.random.key(0), x, train=False)
+    _assert_trees_close(got, want, rtol=0, atol=0)
+
+
+def test_converted_model_under_pmap_equals_sync_batch_norm_model_and_global_batch():
+    x = _cnn_input()
+    variables = _CNN().init(jax.random.key(0), x, train=False)
+    y, updates = _pmap_train(jbn.convert_sync_batchnorm(_CNN(), AXIS), variables, x)
+    sync_y, sync_updates = _pmap_train(_CNN(sync=True), variables, x)
+    np.testing.assert_array_equal(y, sync_y)
+    _assert_trees_close(updates, sync_updates, rtol=0, atol=0)
+    ref_y, ref_updates = _CNN().apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    _assert_trees_close(updates, ref_updates)
+
+
+def test_converted_model_gradients_under_vmap_equal_sync_batch_norm_and_global_batch():
+    x = _cnn_input()
+    model = _CNN()
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def loss(params, apply, x):
+        y, _ = apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y))
+
+    def synced_grad(apply):
+        def total(params):
+            losses = jax.vmap(lambda x: loss(params, apply, x), axis_name=AXIS)(_split(x))
+            return jnp.sum(losses)
+
+        return jax.jit(jax.grad(total))(variables["params"])
+
+    got = synced_grad(jbn.convert_sync_batchnorm(model, AXIS).apply)
+    _assert_trees_close(got, synced_grad(_CNN(sync=True).apply), rtol=0, atol=0)
+    want = jax.jit(jax.grad(lambda p: loss(p, model.apply, x)))(variables["params"])
+    # Each entry sums 576 float32 products with cancellation: compare relative to the
+    # largest entry of each gradient (both sides are within 5e-6 of that from float64).
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(np.max(np.abs(w))))
+
+
+class _Block(nn.Module):
+    """Layers made in ``setup``, one of which already synchronizes over its own axis."""
+
+    def setup(self):
+        self.dense = nn.Dense(5)
+        self.bn = jbn.BatchNorm1d(5)
+        self.own = jbn.SyncBatchNorm(5, axis_name="inner")
+
+    def __call__(self, x, train: bool):
+        return self.own(self.bn(self.dense(x), train), train)
+
+
+class _Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        return _Block(name="block")(x, train)
+
+
+def test_convert_reaches_setup_layers_and_keeps_an_existing_axis_name():
+    # (outer, inner, N, features)
+    x = np.random.default_rng(4).normal(size=(4, 2, 2, 3)).astype(np.float32)
+    model = _Net()
+    variables = model.init(jax.random.key(0), x[0, 0], train=False)
+    converted = jbn.convert_sync_batchnorm(model, AXIS)
+
+    def step(x):
+        return converted.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    inner = jax.vmap(step, axis_name="inner")
+    _, updates = jax.jit(jax.vmap(inner, axis_name=AXIS))(x)
+    stats = updates["batch_stats"]["block"]
+    dense = variables["params"]["block"]["dense"]
+    h = x @ dense["kernel"] + dense["bias"]  # the input of bn, (outer, inner, N, 5)
+    # bn (converted): statistics over the outer axis AXIS, one set per inner index.
+    bn_mean = np.asarray(stats["bn"]["running_mean"])
+    for i in range(2):
+        want = 0.1 * h[:, i].reshape(-1, 5).mean(0)
+        for o in range(4):
+            np.testing.assert_allclose(bn_mean[o, i], want, rtol=1e-5, atol=1e-6)
+    # own keeps its axis "inner": one set per outer index, shared by the inner pair.
+    own_mean = np.asarray(stats["own"]["running_mean"])
+    np.testing.assert_array_equal(own_mean[:, 0], own_mean[:, 1])
+    assert not np.allclose(own_mean[0, 0], own_mean[1, 0])
+
+
+def test_converted_model_in_training_outside_a_map_raises_name_error():
+    x = _cnn_input()
+    converted = jbn.convert_sync_batchnorm(_CNN(), AXIS)
+    variables = converted.init(jax.random.key(0), x, train=False)
+    with pytest.raises(NameError, match=AXIS):
+        converted.apply(variables, x, train=True, mutable=["batch_stats"])
+    # Evaluation does not synchronize.
+    np.testing.assert_array_equal(
+        converted.apply(variables, x, train=False), _CNN().apply(variables, x, train=False)
+    )
+
+
+def test_convert_requires_axis_name():
+    with pytest.raises(ValueError, match="axis_name"):
+        jbn.convert_sync_batchnorm(_CNN(), None)
