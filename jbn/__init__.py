@@ -11,6 +11,7 @@ from jbn._batch_norm import init as init
 from jbn._convert import convert_sync_batchnorm as convert_sync_batchnorm
 from jbn._fold import fold_conv_bn as fold_conv_bn
 from jbn._frozen import FrozenBatchNorm2d as FrozenBatchNorm2d
+from jbn._import import load_torch_state_dict as load_torch_state_dict
 from jbn._linen import BatchNorm1d as BatchNorm1d
 from jbn._linen import BatchNorm2d as BatchNorm2d
 from jbn._linen import BatchNorm3d as BatchNorm3d
@@ -32,6 +33,7 @@ __all__ = [
     "fold_conv_bn",
     "from_torch_state_dict",
     "init",
+    "load_torch_state_dict",
     "recalibrate_batch_stats",
     "to_torch_state_dict",
 ]

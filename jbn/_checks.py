@@ -131,7 +131,9 @@ def check_mask(mask: Any, shape: tuple, channel_axis: int) -> tuple:
     return target
 
 
-def check_rank(ndim: int, batched_ranks: tuple[int, ...] | None, unbatched_rank: int | None) -> None:
+def check_rank(
+    ndim: int, batched_ranks: tuple[int, ...] | None, unbatched_rank: int | None
+) -> None:
     """Raises PyTorch's rank error unless ``ndim`` is a batched or the unbatched rank.
 
     ``batched_ranks=None`` accepts any rank; the message lists every accepted rank, e.g.

@@ -70,7 +70,8 @@ class FrozenBatchNorm2d(nn.Module):
         inits = {"weight": jnp.ones, "bias": jnp.zeros, "running_mean": jnp.zeros,
                  "running_var": jnp.ones}
         tensors = {
-            k: jax.lax.stop_gradient(self.variable("batch_stats", k, inits[k], (c,), jnp.float32).value)
+            k: jax.lax.stop_gradient(
+                self.variable("batch_stats", k, inits[k], (c,), jnp.float32).value)
             for k in FROZEN_KEYS
         }
         state = {"running_mean": tensors["running_mean"], "running_var": tensors["running_var"],

@@ -157,7 +157,10 @@ class _BatchNorm(nnx.Module):
 
 
 class BatchNorm1d(_BatchNorm):
-    """``torch.nn.BatchNorm1d`` for NNX: input ``(N, C)`` or ``(N, C, L)`` (``axis=-1``: ``(N, L, C)``)."""
+    """``torch.nn.BatchNorm1d`` for NNX: input ``(N, C)`` or ``(N, C, L)``.
+
+    With ``axis=-1`` the input is ``(N, C)`` or ``(N, L, C)``.
+    """
 
     _batched_ranks: ClassVar[tuple[int, ...] | None] = (2, 3)
 
@@ -173,9 +176,10 @@ class BatchNorm2d(_BatchNorm):
 
 
 class BatchNorm3d(_BatchNorm):
-    """``torch.nn.BatchNorm3d`` for NNX: input ``(N, C, D, H, W)`` (``axis=-1``: ``(N, D, H, W, C)``).
+    """``torch.nn.BatchNorm3d`` for NNX: input ``(N, C, D, H, W)``.
 
-    An unbatched ``(C, D, H, W)`` sample is normalized as a batch of one.
+    With ``axis=-1`` the input is ``(N, D, H, W, C)``. An unbatched ``(C, D, H, W)``
+    sample is normalized as a batch of one.
     """
 
     _batched_ranks: ClassVar[tuple[int, ...] | None] = (5,)

@@ -57,7 +57,8 @@ def test_equals_torch_batch_norm_2d_in_eval_and_channels_last_too():
     variables = jbn.FrozenBatchNorm2d.from_torch_state_dict(tbn.state_dict())
     y = jbn.FrozenBatchNorm2d(4).apply(variables, jnp.asarray(x))
     np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
-    y_last = jbn.FrozenBatchNorm2d(4, axis=-1).apply(variables, jnp.asarray(x).transpose(0, 2, 3, 1))
+    y_last = jbn.FrozenBatchNorm2d(4, axis=-1).apply(variables,
+                                                     jnp.asarray(x).transpose(0, 2, 3, 1))
     np.testing.assert_allclose(y_last.transpose(0, 3, 1, 2), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -75,7 +76,8 @@ def test_no_gradient_reaches_the_tensors_and_input_gradient_is_the_scale():
     variables = jbn.FrozenBatchNorm2d.from_torch_state_dict(tbn.state_dict())
     layer = jbn.FrozenBatchNorm2d(4)
     x = jnp.asarray(_x())
-    grads_v, grads_x = jax.grad(lambda v, x: jnp.sum(layer.apply(v, x)), argnums=(0, 1))(variables, x)
+    grads_v, grads_x = jax.grad(lambda v, x: jnp.sum(layer.apply(v, x)),
+                                argnums=(0, 1))(variables, x)
     for g in jax.tree.leaves(grads_v):
         np.testing.assert_array_equal(g, np.zeros(4))
     s = variables["batch_stats"]
@@ -87,7 +89,8 @@ def test_no_gradient_reaches_the_tensors_and_input_gradient_is_the_scale():
 def test_loads_a_four_tensor_frozen_state_dict_and_rejects_missing_keys():
     sd = {k: v for k, v in _trained_torch_bn().state_dict().items() if k != "num_batches_tracked"}
     variables = jbn.FrozenBatchNorm2d.from_torch_state_dict(sd)
-    np.testing.assert_array_equal(variables["batch_stats"]["running_var"], sd["running_var"].numpy())
+    np.testing.assert_array_equal(variables["batch_stats"]["running_var"],
+                                  sd["running_var"].numpy())
     del sd["running_var"]
     with pytest.raises(KeyError, match="running_var"):
         jbn.FrozenBatchNorm2d.from_torch_state_dict(sd)

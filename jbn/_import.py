@@ -1,0 +1,182 @@
+"""Loading a whole PyTorch model's ``state_dict`` into an equivalent Flax linen model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jbn._frozen import FrozenBatchNorm2d
+from jbn._torch import _to_numpy, from_torch_state_dict
+
+Path = tuple[str, ...]
+
+
+def _as_path(path: str | Sequence[str]) -> Path:
+    return tuple(p for p in path.split("/") if p) if isinstance(path, str) else tuple(path)
+
+
+def _subtree(tree: Any, path: Path) -> Mapping[str, Any] | None:
+    for name in path:
+        if not isinstance(tree, Mapping) or name not in tree:
+            return None
+        tree = tree[name]
+    return tree if isinstance(tree, Mapping) else None
+
+
+def _leaves(tree: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The array leaves directly in ``tree`` (not in its submodules)."""
+    return {} if tree is None else {k: v for k, v in tree.items() if not isinstance(v, Mapping)}
+
+
+def _conv_or_dense_kernel(weight: np.ndarray) -> np.ndarray:
+    """PyTorch ``(out, in[, *spatial])`` to Flax ``(in, out)`` / ``(*spatial, in, out)``."""
+    if weight.ndim == 2:
+        return weight.T
+    return weight.transpose(*range(2, weight.ndim), 1, 0)
+
+
+def _convert_layer(
+    prefix: str, path: Path, tensors: dict[str, np.ndarray], template: dict[str, dict[str, Any]]
+) -> dict[tuple[str, str], Any]:
+    """One layer's torch tensors as ``{(collection, name): array}`` for the Flax layer."""
+    params, stats = template.get("params", {}), template.get("batch_stats", {})
+    where = f"torch '{prefix}' -> flax '{'/'.join(path)}'"
+    if "kernel" in params:
+        out = {}
+        if "weight" in tensors:
+            out[("params", "kernel")] = _conv_or_dense_kernel(tensors.pop("weight"))
+        if "bias" in tensors and "bias" in params:
+            out[("params", "bias")] = tensors.pop("bias")
+        return out
+    if "weight" in stats and "running_mean" in stats:  # FrozenBatchNorm2d
+        taken = {k: tensors.pop(k) for k in list(tensors)}
+        try:
+            variables = FrozenBatchNorm2d.from_torch_state_dict(taken)
+        except (KeyError, ValueError) as e:
+            raise type(e)(f"{where}: {e}") from e
+        return {("batch_stats", k): v for k, v in variables["batch_stats"].items()}
+    if "scale" in params or "mean" in stats:  # flax.linen.BatchNorm
+        renames = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+                   "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+        out = {renames[k]: tensors.pop(k) for k in list(tensors) if k in renames}
+        tensors.pop("num_batches_tracked", None)
+        return out
+    if "weight" in params or "running_mean" in stats:  # jbn BatchNorm*d / SyncBatchNorm
+        bn_keys = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+        taken = {k: tensors.pop(k) for k in bn_keys if k in tensors}
+        try:
+            variables = from_torch_state_dict(taken)
+        except (KeyError, ValueError) as e:
+            raise type(e)(f"{where}: {e}") from e
+        return {(c, k): v for c, tree in variables.items() for k, v in tree.items()}
+    raise ValueError(
+        f"{where}: don't know how to load into a Flax layer with variables "
+        f"{ {c: sorted(t) for c, t in template.items()} }; expected a Conv/Dense ('kernel'), "
+        "a jbn batch norm ('weight'/'running_mean'), FrozenBatchNorm2d or flax BatchNorm"
+    )
+
+
+def _set(tree: dict[str, Any], path: Path, value: Any) -> None:
+    for name in path[:-1]:
+        tree = tree[name]
+    tree[path[-1]] = value
+
+
+def _copy(tree: Any) -> Any:
+    return {k: _copy(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+def load_torch_state_dict(
+    variables: Mapping[str, Any],
+    state_dict: Mapping[str, Any],
+    name_map: Mapping[str, str | Sequence[str]] | None = None,
+) -> dict[str, Any]:
+    """Loads a PyTorch model's ``state_dict`` into an equivalent Flax linen model's variables.
+
+    Like ``torch.nn.Module.load_state_dict(strict=True)``: every torch tensor must be
+    used and every Flax variable must be filled, with equal shapes. Per layer:
+
+    - ``Conv1d/2d/3d`` (``weight`` ``(O, I, *spatial)``) into ``nn.Conv``'s
+      ``kernel`` ``(*spatial, I, O)``; ``Linear`` (``(out, in)``) into ``nn.Dense``'s
+      ``kernel`` ``(in, out)``; ``bias`` as is;
+    - ``BatchNorm*d``/``SyncBatchNorm`` into jbn's batch-norm modules through
+      :func:`jbn.from_torch_state_dict`; into :class:`jbn.FrozenBatchNorm2d` (without
+      ``num_batches_tracked``); into ``flax.linen.BatchNorm`` (``scale``, ``bias``,
+      ``mean``, ``var``; ``num_batches_tracked`` dropped).
+
+    The kind of layer is read from the Flax variables at the mapped path.
+
+    Args:
+      variables: the Flax model's variables as ``model.init`` gives them (a template:
+        its structure, shapes and dtypes are kept), e.g. ``{"params": ...,
+        "batch_stats": ...}``.
+      state_dict: ``torch_model.state_dict()``: keys ``"<layer prefix>.<tensor>"``,
+        torch tensors or arrays.
+      name_map: torch layer prefix -> Flax module path (``"layer1_0/conv1"`` or a
+        tuple of names), e.g. ``{"layer1.0.conv1": "layer1_0/conv1", "fc": "fc"}``.
+        None maps every prefix to itself with ``.`` read as ``/``.
+
+    Returns:
+      New variables of ``variables``' structure, each leaf in the template's dtype.
+
+    Raises:
+      KeyError: torch keys that no Flax variable takes (a prefix absent from
+        ``name_map``, a path with no Flax module, a tensor the layer has no variable
+        for), or Flax variables that no torch key fills; every offending name is listed.
+      ValueError: a converted tensor whose shape differs from the Flax variable's.
+    """
+    arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        prefix, _, leaf = key.rpartition(".")
+        groups.setdefault(prefix, {})[leaf] = value
+    out = _copy(variables)
+    filled: set[tuple[str, Path]] = set()
+    unused: list[str] = []
+    for prefix, tensors in groups.items():
+        if name_map is None:
+            path: Path = tuple(prefix.split(".")) if prefix else ()
+        elif prefix in name_map:
+            path = _as_path(name_map[prefix])
+        else:
+            unused += [f"{prefix}.{k}" for k in tensors]
+            continue
+        template = {c: _leaves(_subtree(variables[c], path)) for c in variables}
+        template = {c: t for c, t in template.items() if t}
+        if not template:
+            unused += [f"{prefix}.{k} (no Flax module at {'/'.join(path)})" for k in tensors]
+            continue
+        remaining = dict(tensors)
+        converted = _convert_layer(prefix, path, remaining, template)
+        unused += [f"{prefix}.{k}" for k in remaining]
+        for (collection, name), value in converted.items():
+            target = template.get(collection, {}).get(name)
+            if target is None:
+                unused.append(f"{prefix} -> {collection}/{'/'.join(path)}/{name}")
+                continue
+            value = np.asarray(value)
+            if value.shape != tuple(target.shape):
+                raise ValueError(
+                    f"shape mismatch: torch '{prefix}' gives {collection}/{'/'.join(path)}/{name} "
+                    f"shape {value.shape} (after conversion), the Flax variable has shape "
+                    f"{tuple(target.shape)}"
+                )
+            _set(out[collection], (*path, name), jnp.asarray(value, dtype=target.dtype))
+            filled.add((collection, (*path, name)))
+    missing = [
+        f"{c}/{'/'.join(str(getattr(k, 'key', k)) for k in kp)}"
+        for c in variables
+        for kp, _ in jax.tree_util.tree_flatten_with_path(variables[c])[0]
+        if (c, tuple(str(getattr(k, "key", k)) for k in kp)) not in filled
+    ]
+    if unused or missing:
+        raise KeyError(
+            "torch state_dict and Flax variables do not match: unused torch keys: "
+            f"{', '.join(sorted(unused)) or 'none'}; Flax variables not filled: "
+            f"{', '.join(sorted(missing)) or 'none'}"
+        )
+    return out
