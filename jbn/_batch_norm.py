@@ -183,9 +183,17 @@ def _normalize_with_batch_stats(
             jax.lax.rsqrt(m.m2 / jnp.maximum(m.count, 1) + eps), STATS_NAME
         )
         cshape = channel_shape(x.ndim, axis)
-        centred = (xc - m.shift.reshape(cshape)) - m.offset.reshape(cshape)
-        y = _affine(centred, invstd, weight, bias, axis, compute).astype(out_dtype)
-        return y, m.mean, m.m2, m.count
+        # y = (x - shift - offset) * scale + bias, with the offset's gradient routed
+        # through the exactly-zero (C,) term ``(offset - sg(offset)) * scale``: its
+        # cotangent is then ``-scale * sum(dy)`` (a sum that the bias needs anyway)
+        # rather than a separate reduction of the batch-sized ``dy * scale``. Values
+        # and derivatives of every order are those of the plain formula.
+        offset = jax.lax.stop_gradient(m.offset)
+        centred = (xc - m.shift.reshape(cshape)) - offset.reshape(cshape)
+        y = _affine(centred, invstd, weight, bias, axis, compute)
+        scale = invstd if weight is None else invstd * weight.astype(compute)
+        y = y - ((m.offset - offset) * scale).reshape(cshape)
+        return y.astype(out_dtype), m.mean, m.m2, m.count
 
     return forward(x, weight, bias, mask)
 

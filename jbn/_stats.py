@@ -76,16 +76,24 @@ def local_moments(x: jax.Array, axis: int, mask: jax.Array | None) -> Moments:
     """
     reduced = tuple(i for i in range(x.ndim) if i != axis)
     cshape = channel_shape(x.ndim, axis)
-    shift = _shift(x, axis, mask)
-    d = x - shift.reshape(cshape)
+    # Named as soon as computed, so that a rematerialized backward pass reads them
+    # instead of recomputing the shift and both sums from x.
+    shift = checkpoint_name(_shift(x, axis, mask), STATS_NAME)
+    # Each sum gets its own copy of the shift: if both shared one broadcast, XLA would
+    # write x - shift to memory and read it twice instead of fusing the subtraction
+    # into each reduction.
+    shift1, shift2 = jax.lax.optimization_barrier((shift, shift))
+    d1 = x - shift1.reshape(cshape)
+    d2 = x - shift2.reshape(cshape)
     if mask is None:
         count = jnp.asarray(x.size // x.shape[axis], x.dtype)
     else:
         valid = jnp.expand_dims(mask, axis)
-        d = jnp.where(valid, d, 0)
-        count = jnp.sum(mask, dtype=x.dtype)
-    s1 = jnp.sum(d, axis=reduced)
-    s2 = jnp.sum(d * d, axis=reduced)
+        d1 = jnp.where(valid, d1, 0)
+        d2 = jnp.where(valid, d2, 0)
+        count = checkpoint_name(jnp.sum(mask, dtype=x.dtype), STATS_NAME)
+    s1 = checkpoint_name(jnp.sum(d1, axis=reduced), STATS_NAME)
+    s2 = checkpoint_name(jnp.sum(d2 * d2, axis=reduced), STATS_NAME)
     offset = s1 / jnp.maximum(count, 1)
     m2 = jnp.maximum(s2 - s1 * offset, 0)
     return Moments(count, shift, offset, shift + offset, m2)
