@@ -6,6 +6,7 @@ The functional core is :func:`batch_norm` with :func:`init`; the Flax linen modu
 :func:`to_torch_state_dict` move one layer's weights between PyTorch and Flax.
 """
 
+from jbn import nnx as nnx
 from jbn._batch_norm import batch_norm as batch_norm
 from jbn._batch_norm import init as init
 from jbn._convert import convert_sync_batchnorm as convert_sync_batchnorm
@@ -34,6 +35,7 @@ __all__ = [
     "from_torch_state_dict",
     "init",
     "load_torch_state_dict",
+    "nnx",
     "recalibrate_batch_stats",
     "to_torch_state_dict",
 ]
