@@ -6,7 +6,6 @@ The functional core is :func:`batch_norm` with :func:`init`; the Flax linen modu
 :func:`to_torch_state_dict` move one layer's weights between PyTorch and Flax.
 """
 
-from jbn import nnx as nnx
 from jbn._batch_norm import batch_norm as batch_norm
 from jbn._batch_norm import init as init
 from jbn._convert import convert_sync_batchnorm as convert_sync_batchnorm
@@ -39,3 +38,12 @@ __all__ = [
     "recalibrate_batch_stats",
     "to_torch_state_dict",
 ]
+
+
+def __getattr__(name: str):
+    """Imports the ``jbn.nnx`` submodule on first use (``flax.nnx`` brings in optax)."""
+    if name == "nnx":
+        import importlib
+
+        return importlib.import_module("jbn.nnx")
+    raise AttributeError(f"module 'jbn' has no attribute {name!r}")
