@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,13 +37,22 @@ def interleaved_medians(
     Every function is first called ``warmup`` times (compilation excluded from the
     timing), then the functions are called round-robin, one call each per repeat, so a
     drift of the machine's speed (other load, clock changes) hits all of them alike.
+    The order within a repeat is shuffled (seeded), and each timed call comes right
+    after an untimed call of the same function: what ran before (another runtime's
+    spinning thread pool, an input evicted from the cache) then weighs on no function
+    more than on another.
     """
     for fn in fns.values():
         for _ in range(warmup):
             sync(fn())
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name in order:
+            fn = fns[name]
+            sync(fn())
             start = time.perf_counter()
             sync(fn())
             times[name].append((time.perf_counter() - start) * 1e3)

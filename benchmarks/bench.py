@@ -4,8 +4,8 @@ Run from the repository root::
 
     python benchmarks/bench.py [--quick] [--out benchmarks/RESULTS.md]
 
-Implementations (one interleaved run: each repeat calls every implementation once, in
-turn; the median of the repeats is reported; warm-up and compilation are excluded; JAX
+Implementations (one interleaved run: each repeat calls every implementation once, in a
+shuffled order; the median of the repeats is reported; warm-up and compilation are excluded; JAX
 results are waited for with ``block_until_ready``):
 
 - ``jbn``: ``jbn.batch_norm`` with ``axis=1`` (NCHW) or ``axis=-1`` (NHWC);
