@@ -236,13 +236,13 @@ def make_train_step(config: DemoConfig, use_bn: bool) -> Callable[..., Any]:
         state = state.apply_gradients(grads=grads, batch_stats=new_stats)
         return state, loss, accuracy
 
-    sharded = jax.shard_map(
-        local_step,
-        mesh=mesh,
-        in_specs=(P(), P(AXIS_NAME), P(AXIS_NAME)),
-        out_specs=(P(), P(), P()),
-        check_vma=False,
-    )
+    specs = {"mesh": mesh, "in_specs": (P(), P(AXIS_NAME), P(AXIS_NAME)), "out_specs": (P(), P(), P())}
+    if hasattr(jax, "shard_map"):  # jax >= 0.7
+        sharded = jax.shard_map(local_step, check_vma=False, **specs)
+    else:
+        from jax.experimental.shard_map import shard_map
+
+        sharded = shard_map(local_step, check_rep=False, **specs)
     return jax.jit(sharded)
 
 
@@ -428,9 +428,10 @@ def plot_curves(histories: dict[str, dict[str, list[Any]]], lr: float, path: Pat
         ax_acc.plot(epochs, np.asarray(h["test_accuracy"]) * 100, marker="o", label=labels[name])
     ax_loss.set(xlabel="epoch", ylabel="train loss", yscale="log", title=f"Training loss (lr={lr:g})")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", ylim=(0, 100), title="Test accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend(loc="center right")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
