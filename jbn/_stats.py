@@ -2,7 +2,7 @@
 
 The naive one-pass variance ``E[x^2] - E[x]^2`` loses every digit when the data's
 mean is large against its spread. Here every value is first shifted by a per-channel
-estimate of the mean (the mean of one row of the first example, a few dozen values),
+estimate of the mean (the mean of a corner block of at least 64 values per channel),
 so the sums ``S1 = sum(x - shift)`` and ``S2 = sum((x - shift)^2)`` are of numbers
 near zero, and both are taken in the same pass. The normalization then uses
 ``(x - shift) - offset`` with ``offset = S1 / n``, which keeps the output within a few
@@ -26,6 +26,9 @@ from jax.ad_checkpoint import checkpoint_name
 # Name given to every O(C) statistic, so that a rematerialized backward pass keeps
 # them and recomputes only elementwise values from the input.
 STATS_NAME = "jbn_batch_stats"
+# Values per channel whose mean is the shift: its distance from the batch mean is then
+# about std / 8, so the shifted sums lose at most a bit or two.
+SHIFT_VALUES = 64
 
 
 class Moments(NamedTuple):
@@ -53,11 +56,16 @@ def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
     if mask is None:
         if not reduced:
             return jax.lax.stop_gradient(x)
-        # One row: index 0 on every reduced axis but the last, mean over the last.
-        index = tuple(0 if i in reduced[:-1] else slice(None) for i in range(x.ndim))
-        row = x[index]  # (C, L) or (L, C), channel order preserved
-        row_axis = 1 if axis < reduced[-1] else 0
-        return jax.lax.stop_gradient(jnp.mean(row, axis=row_axis))
+        # A small corner block of at least SHIFT_VALUES values per channel (all of
+        # them in a smaller batch): the trailing reduced axes first, so it is
+        # contiguous in memory, and a cheap read whatever the batch size.
+        index = [slice(None)] * x.ndim
+        taken = 1
+        for i in reversed(reduced):
+            k = min(x.shape[i], -(-SHIFT_VALUES // taken))
+            index[i] = slice(0, k)
+            taken *= k
+        return jax.lax.stop_gradient(jnp.mean(x[tuple(index)], axis=tuple(reduced)))
     # With a mask, the value at the first valid position (position 0 if there is none).
     first = jnp.argmax(mask.reshape(-1))
     index = jnp.unravel_index(first, mask.shape)
