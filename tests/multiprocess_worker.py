@@ -82,6 +82,15 @@ def main(port: int, process_id: int, num_processes: int, data: str, out: str) ->
 
     results: dict[str, np.ndarray] = {}
 
+    def record(prefix: str, y, gx, gp, new_state, state_view) -> None:
+        """Stores this process's part of one style's outputs under ``prefix``."""
+        results[f"{prefix}_y"] = local(y)
+        results[f"{prefix}_dx"] = local(gx)
+        results[f"{prefix}_dweight"] = replicated(gp["weight"])
+        results[f"{prefix}_dbias"] = replicated(gp["bias"])
+        for key, value in new_state.items():
+            results[f"{prefix}_{key}"] = state_view(value)
+
     # 1. shard_map with axis_name: statistics synchronized over all 8 global devices.
     def body(params, x, dy):
         y, new_state = jbn.batch_norm(params, state, x, True, axis_name="batch")
@@ -96,12 +105,7 @@ def main(port: int, process_id: int, num_processes: int, data: str, out: str) ->
 
     (gp, gx), (y, new_state) = jax.jit(jax.grad(total, argnums=(0, 1), has_aux=True))(
         params, x, dy)
-    results["sync_y"] = local(y)
-    results["sync_dx"] = local(gx)
-    results["sync_dweight"] = replicated(gp["weight"])
-    results["sync_dbias"] = replicated(gp["bias"])
-    for key, value in new_state.items():
-        results[f"sync_{key}"] = local(value)  # one copy per local device
+    record("sync", y, gx, gp, new_state, local)  # the state: one copy per local device
 
     # 2. Plain jit over the globally sharded batch, no axis_name.
     def loss(params, x, dy):
@@ -110,12 +114,7 @@ def main(port: int, process_id: int, num_processes: int, data: str, out: str) ->
 
     (gp, gx), (y, new_state) = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(
         params, x, dy)
-    results["jit_y"] = local(y)
-    results["jit_dx"] = local(gx)
-    results["jit_dweight"] = replicated(gp["weight"])
-    results["jit_dbias"] = replicated(gp["bias"])
-    for key, value in new_state.items():
-        results[f"jit_{key}"] = replicated(value)
+    record("jit", y, gx, gp, new_state, replicated)
 
     np.savez(out, **results)
     jax.distributed.shutdown()

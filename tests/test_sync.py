@@ -258,24 +258,13 @@ def test_pmap_parameter_gradient_is_each_devices_contribution(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_shard_map_equals_global_batch_and_torch(layout):
+@pytest.mark.parametrize("style", ["shard_map", "vmap"])
+def test_shard_map_and_vmap_with_axis_name_equal_global_batch_and_torch(style, layout):
     axis = LAYOUTS[layout]
     params, state = _variables()
     x, dy = _batch(layout)
-    y, new_state, gx, gp = _run_shard_map(params, state, x, dy, axis)
-    _assert_same_on_every_device(new_state)
-    state0 = jax.tree.map(lambda v: v[0], new_state)
-    got = (y, state0, gx, gp["weight"], gp["bias"])
-    _assert_matches(got, _single_device(params, state, x, dy, axis), rtol=1e-5, atol=1e-6)
-    _assert_matches(got, _torch_reference(params, state, x, dy, axis))
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_vmap_with_axis_name_equals_global_batch_and_torch(layout):
-    axis = LAYOUTS[layout]
-    params, state = _variables()
-    x, dy = _batch(layout)
-    y, new_state, gx, gp = _run_vmap(params, state, x, dy, axis)
+    run = {"shard_map": _run_shard_map, "vmap": _run_vmap}[style]
+    y, new_state, gx, gp = run(params, state, x, dy, axis)
     _assert_same_on_every_device(new_state)
     state0 = jax.tree.map(lambda v: v[0], new_state)
     got = (y, state0, gx, gp["weight"], gp["bias"])
