@@ -34,7 +34,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jbn._stats import batch_moments, channel_shape  # noqa: E402
+from jbn._layout import channel_shape  # noqa: E402
+from jbn._stats import batch_moments  # noqa: E402
 
 AXIS = "batch"
 EPS = 1e-5

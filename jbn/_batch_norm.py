@@ -12,7 +12,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.typing import ArrayLike, DTypeLike
 
 from jbn import _checks
-from jbn._stats import STATS_NAME, batch_moments, channel_shape
+from jbn._layout import RowView
+from jbn._stats import STATS_NAME, batch_moments
 
 Params = Mapping[str, jax.Array]
 State = Mapping[str, jax.Array]
@@ -131,8 +132,7 @@ def batch_norm(
     if not use_batch_stats:
         mean = state["running_mean"].astype(compute)
         invstd = jax.lax.rsqrt(state["running_var"].astype(compute) + eps)
-        y = _affine(x.astype(compute) - mean.reshape(channel_shape(x.ndim, axis)), invstd,
-                    weight, bias, axis, compute)
+        y = _normalize(x, (mean,), invstd, weight, bias, axis, compute)
         return y.astype(out_dtype), dict(state)
 
     # PyTorch synchronizes only in training.
@@ -149,17 +149,26 @@ def batch_norm(
     return y, _update_state(state, mean, m2, count, momentum)
 
 
-def _affine(
-    centred: jax.Array, invstd: jax.Array, weight: jax.Array | None, bias: jax.Array | None,
-    axis: int, compute: jnp.dtype,
+def _normalize(
+    x: jax.Array, centre: tuple[jax.Array, ...], invstd: jax.Array,
+    weight: jax.Array | None, bias: jax.Array | None, axis: int, compute: jnp.dtype,
 ) -> jax.Array:
-    """``centred * invstd * weight + bias`` with the (C,) factors folded first."""
-    cshape = channel_shape(centred.ndim, axis)
+    """``(x - centre[0] - centre[1] - ...) * invstd * weight + bias``, in ``compute``.
+
+    The ``(C,)`` factors are folded first, so the batch-sized loop does one
+    subtraction per centre, one multiplication and one addition per element, in
+    the two-dimensional view (whose transpose, in the backward pass, is the fast
+    row-wise channel sum).
+    """
     scale = invstd if weight is None else invstd * weight.astype(compute)
-    y = centred * scale.reshape(cshape)
+    view = RowView.of(x.shape, axis)
+    y = view.rows(x).astype(compute)
+    for c in centre:
+        y = y - view.broadcast(c)
+    y = y * view.broadcast(scale)
     if bias is not None:
-        y = y + bias.astype(compute).reshape(cshape)
-    return y
+        y = y + view.broadcast(bias.astype(compute))
+    return view.unrows(y)
 
 
 def _normalize_with_batch_stats(
@@ -177,22 +186,21 @@ def _normalize_with_batch_stats(
         jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(STATS_NAME)
     )
     def forward(x, weight, bias, mask):
-        xc = x.astype(compute)
-        m = batch_moments(xc, axis, mask, axis_name, axis_index_groups)
+        m = batch_moments(x.astype(compute), axis, mask, axis_name, axis_index_groups)
         invstd = checkpoint_name(
             jax.lax.rsqrt(m.m2 / jnp.maximum(m.count, 1) + eps), STATS_NAME
         )
-        cshape = channel_shape(x.ndim, axis)
         # y = (x - shift - offset) * scale + bias, with the offset's gradient routed
-        # through the exactly-zero (C,) term ``(offset - sg(offset)) * scale``: its
-        # cotangent is then ``-scale * sum(dy)`` (a sum that the bias needs anyway)
-        # rather than a separate reduction of the batch-sized ``dy * scale``. Values
-        # and derivatives of every order are those of the plain formula.
+        # through the exactly-zero (C,) term ``-(offset - sg(offset)) * scale`` added
+        # to the bias: its cotangent is then ``-scale * sum(dy)`` (a sum that the bias
+        # needs anyway) rather than a separate reduction of the batch-sized
+        # ``dy * scale``. Values and derivatives of every order are those of the plain
+        # formula.
         offset = jax.lax.stop_gradient(m.offset)
-        centred = (xc - m.shift.reshape(cshape)) - offset.reshape(cshape)
-        y = _affine(centred, invstd, weight, bias, axis, compute)
         scale = invstd if weight is None else invstd * weight.astype(compute)
-        y = y - ((m.offset - offset) * scale).reshape(cshape)
+        zero = (offset - m.offset) * scale
+        bias = zero if bias is None else bias.astype(compute) + zero
+        y = _normalize(x, (m.shift, offset), invstd, weight, bias, axis, compute)
         return y.astype(out_dtype), m.mean, m.m2, m.count
 
     return forward(x, weight, bias, mask)
