@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import re
 import sys
@@ -193,27 +194,41 @@ def torch_step(stages, bottleneck, images: np.ndarray, labels: np.ndarray) -> Ca
 # ----------------------------------------------------------------------------- HLO check
 
 
-def fusion_report(step: Callable, args: Any) -> dict[str, int]:
+_INSTRUCTION = re.compile(r"= \w+\[([\d,]+)\]\S* (\w+)\(")
+
+
+def _big_ops(comp: str, min_elements: int) -> list[str]:
+    """Opcodes of the instructions in ``comp`` whose result has ``min_elements`` or more."""
+    return [op for dims, op in _INSTRUCTION.findall(comp)
+            if math.prod(int(d) for d in dims.split(",")) >= min_elements]
+
+
+def fusion_report(step: Callable, args: Any, min_elements: int) -> dict[str, int]:
     """Counts, in the compiled HLO of ``step``, the ReLUs that share a fusion with the normalization.
 
-    A ReLU is a ``maximum`` on a rank-4 array; it is "fused with the normalization" when
-    the computation that holds it also multiplies a rank-4 array (the scale of the
-    normalization, or the ReLU's own gradient mask in the backward pass is a ``select``,
-    not counted). Also counts the entry computation's top-level instructions that write a
-    rank-4 array (materialized batch-sized arrays).
+    An array is batch-sized when it has ``min_elements`` or more (the smallest
+    activation), whatever its rank: jbn normalizes a two-dimensional view of the
+    activations on the CPU. A ReLU is a ``maximum`` on a batch-sized array; it is
+    "fused with the normalization" when the computation that holds it also multiplies a
+    batch-sized array (the scale of the normalization; the ReLU's own gradient mask in
+    the backward pass is a ``select``, not counted). Also counts the entry computation's
+    top-level instructions that write a batch-sized array (materialized arrays; the
+    larger convolution kernels' updates count alike for every network).
     """
     text = step.lower(*args).compile().as_text()
     comps = re.split(r"\n(?=\S)", text)
     relu_total = relu_fused = 0
     for comp in comps:
-        relus = len(re.findall(r"= \w+\[\d+,\d+,\d+,\d+\]\S* maximum\(", comp))
+        ops = _big_ops(comp, min_elements)
+        relus = ops.count("maximum")
         relu_total += relus
-        if relus and re.search(r"= \w+\[\d+,\d+,\d+,\d+\]\S* multiply\(", comp):
+        if relus and "multiply" in ops:
             relu_fused += relus
     entry = next((c for c in comps if c.startswith("ENTRY")), "")
-    big = len(re.findall(r"= \w+\[\d+,\d+,\d+,\d+\]\S* (?:fusion|add|multiply|subtract)\(", entry))
+    written = sum(op in ("fusion", "add", "multiply", "subtract")
+                  for op in _big_ops(entry, min_elements))
     return {"relu": relu_total, "relu fused with normalize": relu_fused,
-            "rank-4 arrays written by the entry computation": big}
+            "batch-sized arrays written by the entry computation": written}
 
 
 # ----------------------------------------------------------------------------- main
@@ -238,6 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     images = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
     labels = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
 
+    # The last stage's activations: the stem divides the size by 4, each later stage by 2.
+    last = size // 2 ** (len(stages) + 1)
+    smallest = batch * last * last * 64 * 2 ** (len(stages) - 1) * (4 if bottleneck else 1)
     steps: dict[str, Callable[[], Any]] = {}
     fusion: dict[str, dict[str, int]] = {}
     with _common.progress() as bar:
@@ -245,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         for kind in ("jbn", "flax"):
             model = ResNet(stages, bottleneck, kind)
             step, state = flax_step(model, jnp.asarray(images), jnp.asarray(labels), dtype)
-            fusion[kind] = fusion_report(step, state)
+            fusion[kind] = fusion_report(step, state, smallest)
             # Each step starts from the same variables: the time is that of one update.
             steps[f"flax + {'jbn.BatchNorm2d' if kind == 'jbn' else 'flax.linen.BatchNorm'}"] = (
                 functools.partial(step, *state))

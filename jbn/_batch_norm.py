@@ -132,8 +132,8 @@ def batch_norm(
     if not use_batch_stats:
         mean = state["running_mean"].astype(compute)
         invstd = jax.lax.rsqrt(state["running_var"].astype(compute) + eps)
-        y = _normalize(x, (mean,), invstd, weight, bias, axis, compute)
-        return y.astype(out_dtype), dict(state)
+        y = _normalize(x, (mean,), invstd, weight, bias, axis, compute, out_dtype)
+        return y, dict(state)
 
     # PyTorch synchronizes only in training.
     axis_name = axis_name if train else None
@@ -152,13 +152,15 @@ def batch_norm(
 def _normalize(
     x: jax.Array, centre: tuple[jax.Array, ...], invstd: jax.Array,
     weight: jax.Array | None, bias: jax.Array | None, axis: int, compute: jnp.dtype,
+    out_dtype: jnp.dtype,
 ) -> jax.Array:
-    """``(x - centre[0] - centre[1] - ...) * invstd * weight + bias``, in ``compute``.
+    """``(x - centre[0] - centre[1] - ...) * invstd * weight + bias``, computed in ``compute``.
 
     The ``(C,)`` factors are folded first, so the batch-sized loop does one
     subtraction per centre, one multiplication and one addition per element, in
     the two-dimensional view (whose transpose, in the backward pass, is the fast
-    row-wise channel sum).
+    row-wise channel sum). Both dtype conversions happen in the view too, so that
+    the backward pass converts ``dy`` once for all its uses.
     """
     scale = invstd if weight is None else invstd * weight.astype(compute)
     view = RowView.of(x.shape, axis)
@@ -168,7 +170,7 @@ def _normalize(
     y = y * view.broadcast(scale)
     if bias is not None:
         y = y + view.broadcast(bias.astype(compute))
-    return view.unrows(y)
+    return view.unrows(y.astype(out_dtype))
 
 
 def _normalize_with_batch_stats(
@@ -186,7 +188,10 @@ def _normalize_with_batch_stats(
         jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(STATS_NAME)
     )
     def forward(x, weight, bias, mask):
-        m = batch_moments(x.astype(compute), axis, mask, axis_name, axis_index_groups)
+        # Converted in the view that both the statistics and the normalization use.
+        view = RowView.of(x.shape, axis)
+        x = view.unrows(view.rows(x).astype(compute))
+        m = batch_moments(x, axis, mask, axis_name, axis_index_groups)
         invstd = checkpoint_name(
             jax.lax.rsqrt(m.m2 / jnp.maximum(m.count, 1) + eps), STATS_NAME
         )
@@ -200,8 +205,8 @@ def _normalize_with_batch_stats(
         scale = invstd if weight is None else invstd * weight.astype(compute)
         zero = (offset - m.offset) * scale
         bias = zero if bias is None else bias.astype(compute) + zero
-        y = _normalize(x, (m.shift, offset), invstd, weight, bias, axis, compute)
-        return y.astype(out_dtype), m.mean, m.m2, m.count
+        y = _normalize(x, (m.shift, offset), invstd, weight, bias, axis, compute, out_dtype)
+        return y, m.mean, m.m2, m.count
 
     return forward(x, weight, bias, mask)
 

@@ -1,20 +1,19 @@
-"""A two-dimensional view of a batch in which per-channel work is row- or column-wise.
+"""A two-dimensional view of a batch in which per-channel work is row-wise.
 
 Batch norm broadcasts ``(C,)`` vectors along every axis but the channel axis, and
-sums over all of them. XLA's CPU backend runs both markedly faster on a matrix than
-on the original shape with the channel axis in the middle (a reduction over the
-non-adjacent axes ``(0, 2, 3)`` of an NCHW array is about 1.5x slower than a row-wise
-one), so the computations go through this view:
+sums over all of them. With the channel axis followed by others (NCHW, NCL, NCDHW),
+XLA's CPU backend runs both markedly faster on the matrix ``(before * C, after)``,
+each row a contiguous run of one channel, than on the original shape: a reduction
+over the non-adjacent axes ``(0, 2, 3)`` of an NCHW array is about 1.5x slower than a
+row-wise one followed by a small sum over ``before``. There a ``(C,)`` vector
+broadcasts as a column tiled ``before`` times, and the derivative of that broadcast
+is the same row-wise sum, so the backward pass gets the fast form too.
 
-- channel axis not last: ``(before * C, after)``, each row a contiguous run of one
-  channel, a ``(C,)`` vector broadcast as a column tiled ``before`` times;
-- channel axis last (or followed only by size-1 axes): ``(before, C)``, a ``(C,)``
-  vector broadcast as a row.
-
-Reshaping to and from the view is free (a bitcast), and the derivative of the
-broadcast is the view's channel sum, so the backward pass gets the same fast form.
-Other backends keep the original shape (``matrix=False``): the arithmetic, and so
-every value, is the same either way up to the order of the additions.
+Everywhere else the view is the array itself: with channels last (where the matrix
+gains nothing on the CPU, and a bfloat16 backward pass would convert ``dy`` twice)
+and on other backends (where XLA's reductions need no help and a two-level sum would
+only cost a second kernel launch). The arithmetic, and so every value, is the same
+either way up to the order of the additions.
 """
 
 from __future__ import annotations
@@ -39,9 +38,7 @@ def _on_cpu() -> bool:
 class RowView(NamedTuple):
     """The view of an array of ``shape`` with channels on ``axis``.
 
-    With ``matrix=False`` (the default off the CPU, where XLA's reductions need no
-    help and a two-level sum would cost a second kernel launch) the view is the
-    array itself and vectors broadcast along ``axis``.
+    ``matrix``: whether the view is ``(before * C, after)`` rather than ``shape``.
     """
 
     shape: tuple[int, ...]
@@ -52,27 +49,16 @@ class RowView(NamedTuple):
     matrix: bool
 
     @classmethod
-    def of(cls, shape: tuple[int, ...], axis: int, matrix: bool | None = None) -> RowView:
-        """The view for an array of ``shape`` with channels on (non-negative) ``axis``.
-
-        ``matrix``: use the two-dimensional view; by default, on the CPU only.
-        """
+    def of(cls, shape: tuple[int, ...], axis: int) -> RowView:
+        """The view for an array of ``shape`` with channels on (non-negative) ``axis``."""
         shape = tuple(shape)
-        return cls(shape, axis, math.prod(shape[:axis]), shape[axis],
-                   math.prod(shape[axis + 1:]), _on_cpu() if matrix is None else matrix)
-
-    @property
-    def channels_last(self) -> bool:
-        """Whether the matrix view is ``(before, C)`` (else ``(before * C, after)``)."""
-        return self.after == 1
+        after = math.prod(shape[axis + 1:])
+        return cls(shape, axis, math.prod(shape[:axis]), shape[axis], after,
+                   after > 1 and _on_cpu())
 
     def rows(self, x: jax.Array) -> jax.Array:
         """``x`` (of ``shape``) in the view."""
-        if not self.matrix:
-            return x
-        if self.channels_last:
-            return x.reshape(self.before, self.channels)
-        return x.reshape(self.before * self.channels, self.after)
+        return x.reshape(self.before * self.channels, self.after) if self.matrix else x
 
     def unrows(self, r: jax.Array) -> jax.Array:
         """An array in the view back in ``shape``."""
@@ -80,16 +66,12 @@ class RowView(NamedTuple):
 
     def broadcast(self, v: jax.Array) -> jax.Array:
         """A ``(C,)`` vector shaped to broadcast against the view."""
-        if not self.matrix:
-            return v.reshape(channel_shape(len(self.shape), self.axis))
-        if self.channels_last:
-            return v[None, :]
-        return jnp.tile(v, self.before)[:, None]
+        if self.matrix:
+            return jnp.tile(v, self.before)[:, None]
+        return v.reshape(channel_shape(len(self.shape), self.axis))
 
     def channel_sum(self, r: jax.Array) -> jax.Array:
         """Sum of an array in the view per channel: ``(C,)``."""
-        if not self.matrix:
-            return jnp.sum(r, axis=tuple(i for i in range(r.ndim) if i != self.axis))
-        if self.channels_last:
-            return jnp.sum(r, axis=0)
-        return jnp.sum(jnp.sum(r, axis=1).reshape(self.before, self.channels), axis=0)
+        if self.matrix:
+            return jnp.sum(jnp.sum(r, axis=1).reshape(self.before, self.channels), axis=0)
+        return jnp.sum(r, axis=tuple(i for i in range(r.ndim) if i != self.axis))
