@@ -12,7 +12,10 @@ results are waited for with ``block_until_ready``):
 - ``flax-fast``: ``flax.linen.BatchNorm(use_fast_variance=True)`` (``E[x^2] - E[x]^2``);
 - ``flax-stable``: ``flax.linen.BatchNorm(use_fast_variance=False)`` (two passes);
 - ``torch``: ``torch.nn.BatchNorm2d``, contiguous (NCHW) or ``channels_last`` (NHWC);
-  on the CPU here, cuDNN on a GPU.
+  on the CPU here, cuDNN on a GPU;
+- ``jbn-copy``: jbn again, compiled separately on its own copy of the inputs: the
+  ratio ``jbn / jbn-copy`` of two identical programs is the run's noise floor (buffer
+  placement and the machine's other load), against which the other ratios are read.
 
 Modes: ``train`` (training forward: ``y`` and the new running statistics), ``eval``
 (evaluation forward), ``bwd`` (the backward alone: the vjp of a training forward,
@@ -47,7 +50,7 @@ import jbn  # noqa: E402
 
 MODES = ("train", "eval", "bwd", "fwd+bwd")
 BYTES_OF_X = {"train": 3, "eval": 2, "bwd": 5, "fwd+bwd": 6}
-PEERS = ("flax-fast", "flax-stable", "torch")
+PEERS = ("flax-fast", "flax-stable", "torch", "jbn-copy")
 IMPLS = ("jbn",) + PEERS
 DTYPES = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, torch.bfloat16)}
 # (C, H, W) of the batch norms in ResNet-50 (stem, then the output of each stage).
@@ -152,6 +155,7 @@ def all_modes(shape_nchw: tuple[int, ...], dtype_name: str, layout: str, seed: i
     x, dy = to_jax(x_nchw), to_jax(dy_nchw)
     out: dict[str, Modes] = {
         "jbn": jbn_modes(x, dy, axis),
+        "jbn-copy": jbn_modes(jnp.array(x, copy=True), jnp.array(dy, copy=True), axis),
         "flax-fast": flax_modes(x, dy, axis, fast=True),
         "flax-stable": flax_modes(x, dy, axis, fast=False),
     }

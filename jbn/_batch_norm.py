@@ -188,10 +188,7 @@ def _normalize_with_batch_stats(
         jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(STATS_NAME)
     )
     def forward(x, weight, bias, mask):
-        # Converted in the view that both the statistics and the normalization use.
-        view = RowView.of(x.shape, axis)
-        x = view.unrows(view.rows(x).astype(compute))
-        m = batch_moments(x, axis, mask, axis_name, axis_index_groups)
+        m = batch_moments(x, axis, mask, axis_name, axis_index_groups, compute)
         invstd = checkpoint_name(
             jax.lax.rsqrt(m.m2 / jnp.maximum(m.count, 1) + eps), STATS_NAME
         )

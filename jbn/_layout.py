@@ -46,15 +46,19 @@ class RowView(NamedTuple):
     before: int  # product of the axes before the channel axis
     channels: int
     after: int  # product of the axes after it
-    matrix: bool
+    on_cpu: bool  # whether XLA's CPU backend will compile the computation
 
     @classmethod
     def of(cls, shape: tuple[int, ...], axis: int) -> RowView:
         """The view for an array of ``shape`` with channels on (non-negative) ``axis``."""
         shape = tuple(shape)
-        after = math.prod(shape[axis + 1:])
-        return cls(shape, axis, math.prod(shape[:axis]), shape[axis], after,
-                   after > 1 and _on_cpu())
+        return cls(shape, axis, math.prod(shape[:axis]), shape[axis],
+                   math.prod(shape[axis + 1:]), _on_cpu())
+
+    @property
+    def matrix(self) -> bool:
+        """Whether the view is ``(before * C, after)`` (else ``shape`` itself)."""
+        return self.after > 1 and self.on_cpu
 
     def rows(self, x: jax.Array) -> jax.Array:
         """``x`` (of ``shape``) in the view."""

@@ -81,3 +81,44 @@ def _compare_views(monkeypatch, shape, axis):
         ours, theirs = run(True, train, use_mask), run(False, train, use_mask)
         for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("use_mask", [False, True], ids=["all", "mask"])
+@pytest.mark.parametrize("shape, axis", [((4, 4, 9, 7), 1), ((4, 9, 7, 4), 3)])
+def test_bfloat16_input_differentiates_as_its_float32_values(matrix, shape, axis, use_mask):
+    # bfloat16 is computed in float32; on the CPU its statistics take another path
+    # (the shifted input written once, with its own derivative rule). Values and first-
+    # and second-order derivatives must equal those of the same values given in float32.
+    rng = np.random.default_rng(3)
+    x16 = jnp.asarray(rng.standard_normal(shape) * 2 + 5, jnp.bfloat16)
+    x32 = x16.astype(jnp.float32)
+    t16 = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    mask = jnp.asarray(rng.random(shape[:axis] + shape[axis + 1:]) < 0.7) if use_mask else None
+    params, state = jbn.init(shape[axis])
+    params = {"weight": params["weight"] * 1.5, "bias": params["bias"] + 0.25}
+
+    def f(p, x):
+        y, _ = jbn.batch_norm(p, state, x, True, axis=axis, mask=mask, dtype=jnp.float32)
+        return y
+
+    def loss(p, x):
+        return jnp.sum(f(p, x) * dy)
+
+    def check(a, b, rtol):
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32),
+                                       rtol=rtol, atol=rtol)
+
+    check(f(params, x16), f(params, x32), 1e-6)
+    g16, g32 = jax.grad(loss, (0, 1))(params, x16), jax.grad(loss, (0, 1))(params, x32)
+    check(g16[0], g32[0], 1e-5)
+    check(g16[1], g32[1].astype(jnp.bfloat16), 2**-7)  # the input's gradient is in its dtype
+    check(jax.jvp(lambda x: f(params, x), (x16,), (t16,))[1],
+          jax.jvp(lambda x: f(params, x), (x32,), (t16.astype(jnp.float32),))[1], 1e-5)
+
+    def weight_grad(x):
+        return jax.grad(loss)(params, x)["weight"]
+
+    check(jax.jvp(weight_grad, (x16,), (t16,))[1],
+          jax.jvp(weight_grad, (x32,), (t16.astype(jnp.float32),))[1], 1e-4)
