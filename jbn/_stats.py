@@ -79,6 +79,18 @@ def _centred(view: RowView, compute: Any, rows: jax.Array, shift: jax.Array,
     return d if valid is None else jnp.where(valid, d, 0)
 
 
+def _fused_sums(view: RowView, compute: Any, rows: jax.Array, shift: jax.Array,
+                valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """``S1 = sum(d)`` and ``S2 = sum(d * d)`` per channel, ``d = rows - shift`` fused into each."""
+    # Each sum gets its own copy of the shift: if both shared one broadcast, XLA would
+    # write rows - shift to memory and read it twice instead of fusing the subtraction
+    # into each reduction.
+    shift1, shift2 = jax.lax.optimization_barrier((shift, shift))
+    d1 = _centred(view, compute, rows, shift1, valid)
+    d2 = _centred(view, compute, rows, shift2, valid)
+    return view.channel_sum(d1), view.channel_sum(d2 * d2)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _written_sums(view: RowView, compute: Any, rows: jax.Array, shift: jax.Array,
                   valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -87,8 +99,12 @@ def _written_sums(view: RowView, compute: Any, rows: jax.Array, shift: jax.Array
     For low-precision input on the CPU: XLA's CPU reductions read float32 only, so the
     converted input is written to memory anyway. Subtracting the shift in that same
     pass (the barrier keeps ``d`` written) leaves two plain sums, which run about twice
-    as fast as sums with a subtraction fused in. The derivative rule recomputes ``d``
-    without the barrier, so the backward pass fuses it instead of writing it again.
+    as fast as sums with a subtraction fused in.
+
+    Only a forward pass that is not differentiated takes this path: the derivative
+    rule computes the sums as :func:`_fused_sums` does, because a backward pass
+    writes the converted input once for its own reductions, and the forward pass of
+    a training step then shares that copy instead of writing a second, shifted one.
     ``shift`` is treated as a constant (it carries no gradient).
     """
     d = jax.lax.optimization_barrier(_centred(view, compute, rows, shift, valid))
@@ -101,7 +117,7 @@ def _written_sums_jvp(view, compute, primals, tangents):
     d = _centred(view, compute, rows, shift, valid)
     t = tangents[0].astype(compute)
     t = t if valid is None else jnp.where(valid, t, 0)
-    return (_written_sums(view, compute, rows, shift, valid),
+    return (_fused_sums(view, compute, rows, shift, valid),
             (view.channel_sum(t), 2 * view.channel_sum(d * t)))
 
 
@@ -131,13 +147,7 @@ def local_moments(x: jax.Array, axis: int, mask: jax.Array | None, compute: Any)
     if view.on_cpu and rows.dtype != compute:
         s1, s2 = _written_sums(view, compute, rows, shift, valid)
     else:
-        # Each sum gets its own copy of the shift: if both shared one broadcast, XLA
-        # would write x - shift to memory and read it twice instead of fusing the
-        # subtraction into each reduction.
-        shift1, shift2 = jax.lax.optimization_barrier((shift, shift))
-        d1 = _centred(view, compute, rows, shift1, valid)
-        d2 = _centred(view, compute, rows, shift2, valid)
-        s1, s2 = view.channel_sum(d1), view.channel_sum(d2 * d2)
+        s1, s2 = _fused_sums(view, compute, rows, shift, valid)
     s1 = checkpoint_name(s1, STATS_NAME)
     s2 = checkpoint_name(s2, STATS_NAME)
     offset = s1 / jnp.maximum(count, 1)
