@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/bench.py [--quick] [--out benchmarks/RESULTS.md]
+    python benchmarks/bench.py [--quick] [--processes N] [--out benchmarks/RESULTS.md]
 
 Implementations (one interleaved run: each repeat calls every implementation once, in a
 shuffled order; the median of the repeats is reported; warm-up and compilation are excluded; JAX
@@ -32,8 +32,11 @@ again, write ``dx``), forward+backward 6 (the statistics pass, then the backward
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -175,17 +178,15 @@ def copy_bandwidth(nbytes: int) -> float:
     return 2 * x.nbytes / (ms * 1e-3)
 
 
-def run(shapes: list[tuple[int, ...]], linear: list[tuple[int, ...]], repeats: int,
-        warmup: int, out_path: str | None) -> str:
-    """Runs the whole suite; prints and returns (and writes to ``out_path``) the markdown."""
-    gpu = _common.on_gpu()
-    bandwidth = copy_bandwidth((256 if gpu else 64) * 2**20)
-    configs = [(s, d, lay) for s in shapes for d in DTYPES for lay in ("NCHW", "NHWC")]
-    linear_configs = [(s, "float32", lay) for lay in ("NCHW", "NHWC") for s in linear]
-    results: dict[tuple, dict[str, dict[str, float]]] = {}
+Results = dict[tuple, dict[str, dict[str, float]]]  # config -> mode -> implementation -> ms
+
+
+def measure(configs: list[tuple], repeats: int, warmup: int) -> Results:
+    """Median time of every implementation and mode for each ``(shape, dtype, layout)``."""
+    results: Results = {}
     with _common.progress() as bar:
-        task = bar.add_task("batch norm", total=len(configs) + len(linear_configs))
-        for config in configs + linear_configs:
+        task = bar.add_task("batch norm", total=len(configs))
+        for config in configs:
             if config in results:
                 bar.advance(task)
                 continue
@@ -198,6 +199,49 @@ def run(shapes: list[tuple[int, ...]], linear: list[tuple[int, ...]], repeats: i
                 m: {impl: med.get((impl, m), float("nan")) for impl in IMPLS} for m in MODES
             }
             bar.advance(task)
+    return results
+
+
+def measure_in_processes(configs: list[tuple], repeats: int, warmup: int,
+                         processes: int) -> Results:
+    """:func:`measure` in ``processes`` fresh processes, one after the other; the median of theirs.
+
+    Within one process, where each program's buffers happen to lie moves its time by
+    up to a fifth on some CPUs, the same way for every repeat; the median over
+    processes is what a user sees on a typical run.
+    """
+    if processes == 1:
+        return measure(configs, repeats, warmup)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(processes):
+            path = os.path.join(tmp, f"{i}.json")
+            print(f"process {i + 1} of {processes}", flush=True)
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--measure-to", path,
+                            "--configs", json.dumps(configs), "--repeats", str(repeats),
+                            "--warmup", str(warmup)], check=True)
+            with open(path) as f:
+                runs.append({_config(c): r for c, r in json.load(f)})
+    return {
+        config: {m: {impl: float(np.median([r[config][m][impl] for r in runs]))
+                     for impl in IMPLS} for m in MODES}
+        for config in runs[0]
+    }
+
+
+def _config(c: list) -> tuple:
+    """A configuration read back from JSON: ``[[2, 64, 8, 8], "float32", "NCHW"]``."""
+    return (tuple(c[0]), c[1], c[2])
+
+
+def run(shapes: list[tuple[int, ...]], linear: list[tuple[int, ...]], repeats: int,
+        warmup: int, out_path: str | None, processes: int = 1) -> str:
+    """Runs the whole suite; prints and returns (and writes to ``out_path``) the markdown."""
+    gpu = _common.on_gpu()
+    bandwidth = copy_bandwidth((256 if gpu else 64) * 2**20)
+    configs = [(s, d, lay) for s in shapes for d in DTYPES for lay in ("NCHW", "NHWC")]
+    linear_configs = [(s, "float32", lay) for lay in ("NCHW", "NHWC") for s in linear]
+    results = measure_in_processes(configs + linear_configs, repeats, warmup, processes)
 
     def rows(cfgs, modes=MODES):
         for shape, dtype_name, layout in cfgs:
@@ -228,8 +272,9 @@ def run(shapes: list[tuple[int, ...]], linear: list[tuple[int, ...]], repeats: i
         "",
         *_common.machine_lines(),
         f"- copy bandwidth (y = x + 1): {bandwidth / 1e9:.1f} GB/s",
-        f"- median of {repeats} interleaved repeats; ratios are jbn's time over the peer's "
-        "(below 1: jbn is faster)",
+        f"- median of {repeats} interleaved repeats"
+        + (f", then the median over {processes} processes" if processes > 1 else "")
+        + "; ratios are jbn's time over the peer's (below 1: jbn is faster)",
         "",
         "### Summary: geometric mean over the shapes of jbn's time ratio",
         "",
@@ -259,7 +304,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size (default: 256 on a GPU, 2 on a CPU)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--processes", type=int, default=None,
+                        help="measure in this many fresh processes and report the median "
+                        "(default: 3, or 1 with --quick)")
+    # Used by --processes for each of its processes.
+    parser.add_argument("--measure-to", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--configs", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.measure_to:
+        configs = [_config(c) for c in json.loads(args.configs)]
+        results = measure(configs, args.repeats, args.warmup)
+        with open(args.measure_to, "w") as f:
+            json.dump([[list(c), r] for c, r in results.items()], f)
+        return
     if args.quick:
         shapes = [(2, 8, 8, 8), (2, 16, 4, 4)]
         linear = [(n, 8, 8, 8) for n in (2, 4, 8)]
@@ -269,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
         shapes = [(n,) + chw for chw in RESNET50_SHAPES]
         linear = [(b,) + RESNET50_SHAPES[1] for b in (n // 2 or 1, n, 2 * n)]
         repeats, warmup = args.repeats or 21, 3
-    run(shapes, linear, repeats, warmup, args.out)
+    processes = args.processes or (1 if args.quick else 3)
+    run(shapes, linear, repeats, warmup, args.out, processes)
 
 
 if __name__ == "__main__":

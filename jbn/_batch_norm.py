@@ -188,7 +188,13 @@ def _normalize_with_batch_stats(
         jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(STATS_NAME)
     )
     def forward(x, weight, bias, mask):
-        m = batch_moments(x, axis, mask, axis_name, axis_index_groups, compute)
+        # Converted once, in the view, for both the statistics and the normalization:
+        # the backward pass then adds their contributions to the input's gradient in
+        # float32 and rounds once.
+        converted = x.dtype != compute
+        view = RowView.of(x.shape, axis)
+        x = view.unrows(view.rows(x).astype(compute))
+        m = batch_moments(x, axis, mask, axis_name, axis_index_groups, converted)
         invstd = checkpoint_name(
             jax.lax.rsqrt(m.m2 / jnp.maximum(m.count, 1) + eps), STATS_NAME
         )

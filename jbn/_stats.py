@@ -48,12 +48,12 @@ class Moments(NamedTuple):
     m2: jax.Array  # (C,) sum of squared deviations from the mean
 
 
-def _shift(x: jax.Array, axis: int, mask: jax.Array | None, compute: Any) -> jax.Array:
-    """A per-channel value near the mean: ``(C,)`` in ``compute``, without gradient."""
+def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
+    """A per-channel value near the mean: ``(C,)``, without gradient."""
     reduced = [i for i in range(x.ndim) if i != axis]
     if mask is None:
         if not reduced:
-            return jax.lax.stop_gradient(x.astype(compute))
+            return jax.lax.stop_gradient(x)
         # A small corner block of at least SHIFT_VALUES values per channel (all of
         # them in a smaller batch): the trailing reduced axes first, so it is
         # contiguous in memory, and a cheap read whatever the batch size.
@@ -63,43 +63,42 @@ def _shift(x: jax.Array, axis: int, mask: jax.Array | None, compute: Any) -> jax
             k = min(x.shape[i], -(-SHIFT_VALUES // taken))
             index[i] = slice(0, k)
             taken *= k
-        corner = x[tuple(index)].astype(compute)
-        return jax.lax.stop_gradient(jnp.mean(corner, axis=tuple(reduced)))
+        return jax.lax.stop_gradient(jnp.mean(x[tuple(index)], axis=tuple(reduced)))
     # With a mask, the value at the first valid position (position 0 if there is none).
     first = jnp.argmax(mask.reshape(-1))
     index = jnp.unravel_index(first, mask.shape)
     moved = jnp.moveaxis(x, axis, -1)
-    return jax.lax.stop_gradient(moved[index].astype(compute))
+    return jax.lax.stop_gradient(moved[index])
 
 
-def _centred(view: RowView, compute: Any, rows: jax.Array, shift: jax.Array,
+def _centred(view: RowView, rows: jax.Array, shift: jax.Array,
              valid: jax.Array | None) -> jax.Array:
-    """``rows - shift`` in ``compute``, zero where ``valid`` is False."""
-    d = rows.astype(compute) - view.broadcast(shift)
+    """``rows - shift``, zero where ``valid`` is False."""
+    d = rows - view.broadcast(shift)
     return d if valid is None else jnp.where(valid, d, 0)
 
 
-def _fused_sums(view: RowView, compute: Any, rows: jax.Array, shift: jax.Array,
+def _fused_sums(view: RowView, rows: jax.Array, shift: jax.Array,
                 valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """``S1 = sum(d)`` and ``S2 = sum(d * d)`` per channel, ``d = rows - shift`` fused into each."""
     # Each sum gets its own copy of the shift: if both shared one broadcast, XLA would
     # write rows - shift to memory and read it twice instead of fusing the subtraction
     # into each reduction.
     shift1, shift2 = jax.lax.optimization_barrier((shift, shift))
-    d1 = _centred(view, compute, rows, shift1, valid)
-    d2 = _centred(view, compute, rows, shift2, valid)
+    d1 = _centred(view, rows, shift1, valid)
+    d2 = _centred(view, rows, shift2, valid)
     return view.channel_sum(d1), view.channel_sum(d2 * d2)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _written_sums(view: RowView, compute: Any, rows: jax.Array, shift: jax.Array,
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _written_sums(view: RowView, rows: jax.Array, shift: jax.Array,
                   valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """``S1 = sum(d)`` and ``S2 = sum(d * d)`` per channel, ``d = rows - shift`` written once.
 
-    For low-precision input on the CPU: XLA's CPU reductions read float32 only, so the
-    converted input is written to memory anyway. Subtracting the shift in that same
-    pass (the barrier keeps ``d`` written) leaves two plain sums, which run about twice
-    as fast as sums with a subtraction fused in.
+    For input converted from a lower precision on the CPU: XLA's CPU reductions read
+    float32 only, so the converted input is written to memory anyway. Subtracting the
+    shift in that same pass (the barrier keeps ``d`` written) leaves two plain sums,
+    which run about twice as fast as sums with a subtraction fused in.
 
     Only a forward pass that is not differentiated takes this path: the derivative
     rule computes the sums as :func:`_fused_sums` does, because a backward pass
@@ -107,47 +106,46 @@ def _written_sums(view: RowView, compute: Any, rows: jax.Array, shift: jax.Array
     a training step then shares that copy instead of writing a second, shifted one.
     ``shift`` is treated as a constant (it carries no gradient).
     """
-    d = jax.lax.optimization_barrier(_centred(view, compute, rows, shift, valid))
+    d = jax.lax.optimization_barrier(_centred(view, rows, shift, valid))
     return view.channel_sum(d), view.channel_sum(d * d)
 
 
 @_written_sums.defjvp
-def _written_sums_jvp(view, compute, primals, tangents):
+def _written_sums_jvp(view, primals, tangents):
     rows, shift, valid = primals
-    d = _centred(view, compute, rows, shift, valid)
-    t = tangents[0].astype(compute)
-    t = t if valid is None else jnp.where(valid, t, 0)
-    return (_fused_sums(view, compute, rows, shift, valid),
+    d = _centred(view, rows, shift, valid)
+    t = tangents[0] if valid is None else jnp.where(valid, tangents[0], 0)
+    return (_fused_sums(view, rows, shift, valid),
             (view.channel_sum(t), 2 * view.channel_sum(d * t)))
 
 
-def local_moments(x: jax.Array, axis: int, mask: jax.Array | None, compute: Any) -> Moments:
-    """Statistics of this device's values of ``x`` over all axes but ``axis``, in ``compute``.
+def local_moments(x: jax.Array, axis: int, mask: jax.Array | None,
+                  converted: bool = False) -> Moments:
+    """Statistics of this device's values of ``x`` (float32 or wider) over all axes but ``axis``.
 
     Args:
-      x: the input, any shape and floating dtype.
+      x: the input, any shape, in the compute dtype.
       axis: the channel axis (non-negative).
       mask: None, or a boolean array of ``x``'s shape without the channel axis; only
         positions where it is True count.
-      compute: the dtype of the statistics, float32 or wider (and at least ``x``'s).
+      converted: whether ``x`` was converted from a lower precision, which changes
+        how the sums are scheduled on the CPU (not their values).
     """
     c = x.shape[axis]
     # Named as soon as computed, so that a rematerialized backward pass reads them
     # instead of recomputing the shift and both sums from x.
-    shift = checkpoint_name(_shift(x, axis, mask, compute), STATS_NAME)
+    shift = checkpoint_name(_shift(x, axis, mask), STATS_NAME)
     # Both sums run over the view, in which XLA's CPU reductions are faster.
     view = RowView.of(x.shape, axis)
     rows = view.rows(x)
     valid = None
     if mask is None:
-        count = jnp.asarray(x.size // c, compute)
+        count = jnp.asarray(x.size // c, x.dtype)
     else:
         valid = view.rows(jnp.broadcast_to(jnp.expand_dims(mask, axis), x.shape))
-        count = checkpoint_name(jnp.sum(mask, dtype=compute), STATS_NAME)
-    if view.on_cpu and rows.dtype != compute:
-        s1, s2 = _written_sums(view, compute, rows, shift, valid)
-    else:
-        s1, s2 = _fused_sums(view, compute, rows, shift, valid)
+        count = checkpoint_name(jnp.sum(mask, dtype=x.dtype), STATS_NAME)
+    sums = _written_sums if view.on_cpu and converted else _fused_sums
+    s1, s2 = sums(view, rows, shift, valid)
     s1 = checkpoint_name(s1, STATS_NAME)
     s2 = checkpoint_name(s2, STATS_NAME)
     offset = s1 / jnp.maximum(count, 1)
@@ -191,14 +189,13 @@ def batch_moments(
     mask: jax.Array | None = None,
     axis_name: Any = None,
     axis_index_groups: Any = None,
-    compute: Any = None,
+    converted: bool = False,
 ) -> Moments:
     """Statistics of the batch: local, or global across ``axis_name`` when it is given.
 
-    ``compute``: their dtype; by default ``x``'s promoted to at least float32.
+    ``x`` and ``converted`` as for :func:`local_moments`.
     """
-    compute = jnp.promote_types(x.dtype, jnp.float32) if compute is None else compute
-    moments = local_moments(x, axis, mask, compute)
+    moments = local_moments(x, axis, mask, converted)
     if axis_name is not None:
         moments = global_moments(moments, axis_name, axis_index_groups)
     return Moments(*(checkpoint_name(m, STATS_NAME) for m in moments))
