@@ -203,6 +203,12 @@ def _big_ops(comp: str, min_elements: int) -> list[str]:
             if math.prod(int(d) for d in dims.split(",")) >= min_elements]
 
 
+def smallest_activation(stages: Sequence[int], bottleneck: bool, batch: int, size: int) -> int:
+    """Elements of the last stage's activations: the stem divides the size by 4, each later stage by 2."""
+    last = size // 2 ** (len(stages) + 1)
+    return batch * last * last * 64 * 2 ** (len(stages) - 1) * (4 if bottleneck else 1)
+
+
 def fusion_report(step: Callable, args: Any, min_elements: int) -> dict[str, int]:
     """Counts, in the compiled HLO of ``step``, the ReLUs that share a fusion with the normalization.
 
@@ -253,9 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     images = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
     labels = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
 
-    # The last stage's activations: the stem divides the size by 4, each later stage by 2.
-    last = size // 2 ** (len(stages) + 1)
-    smallest = batch * last * last * 64 * 2 ** (len(stages) - 1) * (4 if bottleneck else 1)
+    smallest = smallest_activation(stages, bottleneck, batch, size)
     steps: dict[str, Callable[[], Any]] = {}
     fusion: dict[str, dict[str, int]] = {}
     with _common.progress() as bar:
