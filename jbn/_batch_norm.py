@@ -191,10 +191,10 @@ def _normalize_with_batch_stats(
         # Converted once, in the view, for both the statistics and the normalization:
         # the backward pass then adds their contributions to the input's gradient in
         # float32 and rounds once.
-        converted = x.dtype != compute
+        source = x if x.dtype != compute else None
         view = RowView.of(x.shape, axis)
         x = view.unrows(view.rows(x).astype(compute))
-        m = batch_moments(x, axis, mask, axis_name, axis_index_groups, converted)
+        m = batch_moments(x, axis, mask, axis_name, axis_index_groups, source)
         invstd = checkpoint_name(
             jax.lax.rsqrt(m.m2 / jnp.maximum(m.count, 1) + eps), STATS_NAME
         )

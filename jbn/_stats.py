@@ -2,11 +2,12 @@
 
 The naive one-pass variance ``E[x^2] - E[x]^2`` loses every digit when the data's
 mean is large against its spread. Here every value is first shifted by a per-channel
-estimate of the mean (the mean of a corner block of at least 64 values per channel),
+estimate of the mean (the mean of a corner block of up to 64 values per channel),
 so the sums ``S1 = sum(x - shift)`` and ``S2 = sum((x - shift)^2)`` are of numbers
 near zero, and both are taken in the same pass. The normalization then uses
 ``(x - shift) - offset`` with ``offset = S1 / n``, which keeps the output within a few
-float32 ulps of a float64 computation whatever the data's mean.
+float32 ulps of a float64 computation whatever the data's mean. On the CPU, where it
+was built, jbn's kernel (:mod:`jbn._cpu_kernel`) takes both sums in one pass.
 
 Across devices each device contributes ``(count, shift, offset, M2)`` to ONE
 ``all_gather``; every device then merges them with Chan's parallel formula relative to
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jbn import _cpu_kernel
 from jbn._layout import RowView
 
 # Name given to every O(C) statistic, so that a rematerialized backward pass keeps
@@ -48,19 +50,28 @@ class Moments(NamedTuple):
     m2: jax.Array  # (C,) sum of squared deviations from the mean
 
 
+def _power_of_two_at_most(n: int) -> int:
+    """The largest power of two not above ``n >= 1``."""
+    return 1 << (n.bit_length() - 1)
+
+
 def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
     """A per-channel value near the mean: ``(C,)``, without gradient."""
     reduced = [i for i in range(x.ndim) if i != axis]
     if mask is None:
         if not reduced:
             return jax.lax.stop_gradient(x)
-        # A small corner block of at least SHIFT_VALUES values per channel (all of
-        # them in a smaller batch): the trailing reduced axes first, so it is
-        # contiguous in memory, and a cheap read whatever the batch size.
+        # A small corner block of SHIFT_VALUES values per channel (fewer in a small
+        # batch): the trailing reduced axes first, so it is nearly contiguous in
+        # memory, and a cheap read whatever the batch size. Its size is a power of
+        # two, so that the mean ``sum * (1 / size)`` is exact: XLA may recompute the
+        # shift inside a later fusion, and with a multiply-add there a rounded
+        # product would make it differ from the shift the sums were taken around,
+        # moving every output of the channel (by 4e-4 at a mean of 1e4).
         index = [slice(None)] * x.ndim
         taken = 1
         for i in reversed(reduced):
-            k = min(x.shape[i], -(-SHIFT_VALUES // taken))
+            k = _power_of_two_at_most(min(x.shape[i], -(-SHIFT_VALUES // taken)))
             index[i] = slice(0, k)
             taken *= k
         return jax.lax.stop_gradient(jnp.mean(x[tuple(index)], axis=tuple(reduced)))
@@ -90,37 +101,57 @@ def _fused_sums(view: RowView, rows: jax.Array, shift: jax.Array,
     return view.channel_sum(d1), view.channel_sum(d2 * d2)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _written_sums(view: RowView, rows: jax.Array, shift: jax.Array,
-                  valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """``S1 = sum(d)`` and ``S2 = sum(d * d)`` per channel, ``d = rows - shift`` written once.
+def _kernel_sums(view: RowView, source: jax.Array, shift: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+    """``S1`` and ``S2`` per channel by jbn's CPU kernel, from ``source`` (the view, unconverted)."""
+    if view.matrix:  # (before * C, after): a row per (sample, channel)
+        s1, s2 = _cpu_kernel.shifted_sums(source[:, :, None], view.broadcast(shift))
+        return tuple(jnp.sum(s.reshape(view.before, view.channels), axis=0) for s in (s1, s2))
+    # Channels last: the (before, C) matrix.
+    s1, s2 = _cpu_kernel.shifted_sums(
+        source.reshape(1, view.before, view.channels), shift[None])
+    return s1[0], s2[0]
 
-    For input converted from a lower precision on the CPU: XLA's CPU reductions read
-    float32 only, so the converted input is written to memory anyway. Subtracting the
-    shift in that same pass (the barrier keeps ``d`` written) leaves two plain sums,
-    which run about twice as fast as sums with a subtraction fused in.
 
-    Only a forward pass that is not differentiated takes this path: the derivative
-    rule computes the sums as :func:`_fused_sums` does, because a backward pass
-    writes the converted input once for its own reductions, and the forward pass of
-    a training step then shares that copy instead of writing a second, shifted one.
-    ``shift`` is treated as a constant (it carries no gradient).
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _one_pass_sums(view: RowView, kernel: bool, rows: jax.Array, source: jax.Array,
+                   shift: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """``S1 = sum(d)`` and ``S2 = sum(d * d)`` per channel, ``d = rows - shift``, on the CPU.
+
+    ``kernel``: by jbn's CPU kernel, in one pass over ``source`` (``rows`` before
+    its conversion to float32; ``rows`` itself for float32 input) and without a
+    mask. Otherwise for input converted from a lower precision: XLA's CPU
+    reductions read float32 only, so the converted input is written to memory
+    anyway; subtracting the shift in that same pass (the barrier keeps ``d``
+    written) leaves two plain sums, which run about twice as fast as sums with a
+    subtraction fused in.
+
+    The derivative rule takes its tangents as :func:`_fused_sums` would, and
+    without the kernel its primal sums too: a backward pass writes the converted
+    input once for its own reductions, and the forward pass of a training step then
+    shares that copy instead of writing a second, shifted one. ``source`` and
+    ``shift`` are treated as constants (they carry no gradient).
     """
+    if kernel:
+        return _kernel_sums(view, source, shift)
     d = jax.lax.optimization_barrier(_centred(view, rows, shift, valid))
     return view.channel_sum(d), view.channel_sum(d * d)
 
 
-@_written_sums.defjvp
-def _written_sums_jvp(view, primals, tangents):
-    rows, shift, valid = primals
+@_one_pass_sums.defjvp
+def _one_pass_sums_jvp(view, kernel, primals, tangents):
+    rows, source, shift, valid = primals
     d = _centred(view, rows, shift, valid)
     t = tangents[0] if valid is None else jnp.where(valid, tangents[0], 0)
-    return (_fused_sums(view, rows, shift, valid),
-            (view.channel_sum(t), 2 * view.channel_sum(d * t)))
+    # With the kernel, the primal sums come from this function itself, so that a
+    # derivative of this rule (a second-order derivative) goes through the rule again.
+    sums = (_one_pass_sums(view, kernel, rows, source, shift, valid) if kernel
+            else _fused_sums(view, rows, shift, valid))
+    return sums, (view.channel_sum(t), 2 * view.channel_sum(d * t))
 
 
 def local_moments(x: jax.Array, axis: int, mask: jax.Array | None,
-                  converted: bool = False) -> Moments:
+                  source: jax.Array | None = None) -> Moments:
     """Statistics of this device's values of ``x`` (float32 or wider) over all axes but ``axis``.
 
     Args:
@@ -128,8 +159,10 @@ def local_moments(x: jax.Array, axis: int, mask: jax.Array | None,
       axis: the channel axis (non-negative).
       mask: None, or a boolean array of ``x``'s shape without the channel axis; only
         positions where it is True count.
-      converted: whether ``x`` was converted from a lower precision, which changes
-        how the sums are scheduled on the CPU (not their values).
+      source: ``x`` before its conversion to the compute dtype, where it was
+        converted (bfloat16, float16): on the CPU the sums are then taken from it
+        directly or in one pass with the conversion. It changes how the sums are
+        scheduled, not their values.
     """
     c = x.shape[axis]
     # Named as soon as computed, so that a rematerialized backward pass reads them
@@ -144,8 +177,14 @@ def local_moments(x: jax.Array, axis: int, mask: jax.Array | None,
     else:
         valid = view.rows(jnp.broadcast_to(jnp.expand_dims(mask, axis), x.shape))
         count = checkpoint_name(jnp.sum(mask, dtype=x.dtype), STATS_NAME)
-    sums = _written_sums if view.on_cpu and converted else _fused_sums
-    s1, s2 = sums(view, rows, shift, valid)
+    src = x if source is None else source
+    kernel = (view.on_cpu and mask is None and x.dtype == jnp.float32
+              and src.dtype in _cpu_kernel.DTYPES and _cpu_kernel.available())
+    if kernel or (view.on_cpu and source is not None):
+        src = jax.lax.stop_gradient(view.rows(src))
+        s1, s2 = _one_pass_sums(view, kernel, rows, src, shift, valid)
+    else:
+        s1, s2 = _fused_sums(view, rows, shift, valid)
     s1 = checkpoint_name(s1, STATS_NAME)
     s2 = checkpoint_name(s2, STATS_NAME)
     offset = s1 / jnp.maximum(count, 1)
@@ -189,13 +228,13 @@ def batch_moments(
     mask: jax.Array | None = None,
     axis_name: Any = None,
     axis_index_groups: Any = None,
-    converted: bool = False,
+    source: jax.Array | None = None,
 ) -> Moments:
     """Statistics of the batch: local, or global across ``axis_name`` when it is given.
 
-    ``x`` and ``converted`` as for :func:`local_moments`.
+    ``x`` and ``source`` as for :func:`local_moments`.
     """
-    moments = local_moments(x, axis, mask, converted)
+    moments = local_moments(x, axis, mask, source)
     if axis_name is not None:
         moments = global_moments(moments, axis_name, axis_index_groups)
     return Moments(*(checkpoint_name(m, STATS_NAME) for m in moments))

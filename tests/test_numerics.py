@@ -41,6 +41,18 @@ def test_one_pass_mean_of_squares_would_fail_where_jbn_does_not():
     assert np.abs(np.asarray(naive, np.float64) - _float64_normalize(x, 1)).max() > 1e-2
 
 
+def test_shift_recomputed_inside_a_fusion_keeps_outputs_within_2e_6():
+    # At this shape XLA recomputes the shift inside the normalization's fusion,
+    # where a multiply-add can leave its product unrounded; a shift whose mean is
+    # not exact there (a block of 112 values, as jbn once took) differs from the one
+    # the sums were taken around, and every output of a channel moved by 4.6e-4.
+    shape, axis = (2, 56, 56, 256), -1
+    x = (np.random.default_rng(0).standard_normal(shape) + 1e4).astype(np.float32)
+    params, state = jbn.init(shape[axis])
+    y, _ = jax.jit(lambda x: jbn.batch_norm(params, state, x, True, axis=axis))(x)
+    assert np.abs(np.asarray(y, np.float64) - _float64_normalize(x, axis)).max() <= 2e-6
+
+
 def test_constant_channel_gives_zero_output_not_nan():
     x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
     x[:, 1] = 7.5
