@@ -1,23 +1,25 @@
-// Shifted per-channel sums for batch norm on the CPU, as an XLA FFI custom call.
+// Per-channel shifted sums for batch norm on the CPU, as an XLA FFI custom call.
 //
-// For x of shape (B, M, K) (any leading axes folded into B) and shift of shape
-// (B, K), computes for every (b, k)
+// For x of shape (B, P, C, Q) (any leading axes folded into B; channels on C), the
+// kernel takes for every (b, c) a shift near the mean: the mean of a corner block
+// of up to 64 values of the channel (a power of two of them: the first values of
+// the channel's first rows), and then, in ONE pass over x,
 //
-//   s1[b, k] = sum_m d[b, m, k],   s2[b, k] = sum_m d[b, m, k]^2,
-//   d = x - shift (in float32, as XLA would compute it),
+//   s1[b, c] = sum_{p, q} d,   s2[b, c] = sum_{p, q} d * d,   d = x[b, p, c, q] - shift[b, c]
 //
-// in ONE pass over x. Values are added in float32 within blocks of at most 256
-// per channel, and the block sums in float64, so the result is as accurate as a
-// float64 sum of the float32 d up to a rounding error of a few units in the last
-// place, and independent of the number of threads.
+// (d in float32, as XLA would compute it). Values are added in float32 within
+// blocks of at most 256 per channel, and the block sums in float64, so the sums
+// are those of float64 up to a rounding error of a few float32 ulps, and do not
+// depend on the number of threads.
 //
 // Why a kernel: XLA's CPU reductions run a plain sum(x) or sum(x * x) fast, but any
 // reduction with an elementwise operation fused in (here the shift that keeps the
-// variance accurate for data with a large mean) at about half that speed, and they
-// take one pass over x per sum. This kernel takes one pass for both sums and reads
-// bfloat16 directly, without a float32 copy of the input.
+// variance accurate for data with a large mean) at about half that speed, take one
+// pass over x per sum, and launch a few more small programs for the shift. This
+// kernel takes one pass for both sums, with the shift, and reads bfloat16
+// directly, without a float32 copy of the input.
 //
-// x: float32 or bfloat16. shift, s1, s2: float32.
+// x: float32 or bfloat16. shift, s1, s2: (B, C) float32.
 
 #include <Python.h>
 
@@ -58,7 +60,7 @@ inline float ToFloat(uint16_t v) {  // bfloat16 bits
 }
 
 template <typename T>
-inline Vec LoadVec(const T* p) {
+__attribute__((always_inline)) inline Vec LoadVec(const T* p) {
   float f[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) f[l] = ToFloat(p[l]);
   Vec v;
@@ -66,20 +68,22 @@ inline Vec LoadVec(const T* p) {
   return v;
 }
 
-// K == 1: each of rows [r0, r1) of x (rows of length m) against its own shift.
+// Q > 1: rows [r0, r1) of the (B * P * C, Q) matrix, row r against
+// shift[(r / (P * C)) * C + r % C]; its sums go to t1[r], t2[r].
 template <typename T>
-JBN_CLONES void RowSums(const T* x, const float* shift, int64_t m, int64_t r0,
-                        int64_t r1, float* s1, float* s2) {
-  constexpr int64_t kBlock = 256;  // 32 values per lane per float32 block
+JBN_CLONES void RowSums(const T* x, const float* shift, int64_t pc, int64_t c,
+                        int64_t m, int64_t r0, int64_t r1, double* o1, double* o2) {
+  constexpr int64_t kBlock = 256;  // at most 32 values per lane per float32 block
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = x + r * m;
-    const float s = shift[r];
+    const float s = shift[(r / pc) * c + r % c];
     const Vec sv = {s, s, s, s, s, s, s, s};
     double t1 = 0, t2 = 0;
-    int64_t i = 0;
-    for (; i + kBlock <= m; i += kBlock) {
+    for (int64_t i = 0; i < m; i += kBlock) {
+      const int64_t end = std::min(m, i + kBlock);
       Vec a1 = {}, a2 = {}, b1 = {}, b2 = {};
-      for (int64_t j = i; j < i + kBlock; j += 2 * kLanes) {
+      int64_t j = i;
+      for (; j + 2 * kLanes <= end; j += 2 * kLanes) {
         const Vec d = LoadVec(row + j) - sv;
         const Vec e = LoadVec(row + j + kLanes) - sv;
         a1 += d;
@@ -87,26 +91,34 @@ JBN_CLONES void RowSums(const T* x, const float* shift, int64_t m, int64_t r0,
         b1 += e;
         b2 += e * e;
       }
+      if (j + kLanes <= end) {
+        const Vec d = LoadVec(row + j) - sv;
+        a1 += d;
+        a2 += d * d;
+        j += kLanes;
+      }
       a1 += b1;
       a2 += b2;
+      float f1 = 0, f2 = 0;  // fewer than kLanes values left
+      for (; j < end; ++j) {
+        const float d = ToFloat(row[j]) - s;
+        f1 += d;
+        f2 += d * d;
+      }
+      t1 += f1;
+      t2 += f2;
       for (int64_t l = 0; l < kLanes; ++l) {
         t1 += a1[l];
         t2 += a2[l];
       }
     }
-    float f1 = 0, f2 = 0;  // the tail: fewer than kBlock values
-    for (; i < m; ++i) {
-      const float d = ToFloat(row[i]) - s;
-      f1 += d;
-      f2 += d * d;
-    }
-    s1[r] = float(t1 + f1);
-    s2[r] = float(t2 + f2);
+    o1[r] = t1;
+    o2[r] = t2;
   }
 }
 
-// K > 1: rows [m0, m1) of one (M, K) matrix, each against the same (K,) shift;
-// adds into t1, t2 (K float64 each). f1, f2: K float32 of scratch.
+// Q == 1: rows [m0, m1) of one (M, C) matrix, each against the same (C,) shift;
+// adds into t1, t2 (C float64 each). f1, f2: C float32 of scratch.
 template <typename T>
 JBN_CLONES void ColumnSums(const T* x, const float* shift, int64_t k, int64_t m0,
                            int64_t m1, double* t1, double* t2, float* f1, float* f2) {
@@ -155,68 +167,122 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t threads, F task) {
 // Values per parallel task: below this, scheduling costs more than it saves.
 constexpr int64_t kTaskValues = 1 << 15;
 
+inline int64_t PowerOfTwoAtMost(int64_t n) {
+  int64_t p = 1;
+  while (2 * p <= n) p *= 2;
+  return p;
+}
+
+// Values per channel whose mean is the shift: its distance from the batch mean is
+// then about std / 8, so the shifted sums lose at most a bit or two.
+constexpr int64_t kShiftValues = 64;
+
+// shift[b, c]: the mean of x[b, p, c, q] over p < P0, q < Q0, both powers of two.
 template <typename T>
-ffi::Error Sums(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer shift,
+void Shifts(const T* x, int64_t b, int64_t p, int64_t c, int64_t q, float* shift) {
+  const int64_t q0 = PowerOfTwoAtMost(std::min(q, kShiftValues));
+  const int64_t p0 = PowerOfTwoAtMost(std::min(p, std::max<int64_t>(1, kShiftValues / q0)));
+  const double scale = 1.0 / double(p0 * q0);
+  std::vector<double> acc(static_cast<size_t>(c));
+  for (int64_t i = 0; i < b; ++i) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t j = 0; j < p0; ++j) {
+      const T* block = x + (i * p + j) * c * q;
+      for (int64_t k = 0; k < c; ++k) {
+        for (int64_t l = 0; l < q0; ++l) acc[k] += ToFloat(block[k * q + l]);
+      }
+    }
+    for (int64_t k = 0; k < c; ++k) shift[i * c + k] = float(acc[k] * scale);
+  }
+}
+
+template <typename T>
+ffi::Error Sums(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> shift,
                 ffi::Result<ffi::AnyBuffer> s1, ffi::Result<ffi::AnyBuffer> s2) {
   const auto dims = x.dimensions();
-  if (dims.size() < 2) return ffi::Error::InvalidArgument("x must have rank 2 or more");
-  const int64_t k = dims[dims.size() - 1];
-  const int64_t m = dims[dims.size() - 2];
-  const int64_t b = (m * k) ? int64_t(x.element_count()) / (m * k) : 0;
-  if (int64_t(shift.element_count()) != b * k ||
-      int64_t(s1->element_count()) != b * k || int64_t(s2->element_count()) != b * k) {
-    return ffi::Error::InvalidArgument("shift, s1 and s2 must have B * K elements");
+  if (dims.size() < 3) return ffi::Error::InvalidArgument("x must have rank 3 or more");
+  const int64_t q = dims[dims.size() - 1];
+  const int64_t c = dims[dims.size() - 2];
+  const int64_t p = dims[dims.size() - 3];
+  const int64_t pcq = p * c * q;
+  const int64_t b = pcq ? int64_t(x.element_count()) / pcq : 0;
+  if (int64_t(shift->element_count()) != b * c || int64_t(s1->element_count()) != b * c ||
+      int64_t(s2->element_count()) != b * c) {
+    return ffi::Error::InvalidArgument("shift, s1 and s2 must have B * C elements");
   }
   const T* xp = reinterpret_cast<const T*>(x.untyped_data());
-  const float* sp = shift.typed_data<float>();
+  float* sp = shift->typed_data<float>();
   float* o1 = s1->typed_data<float>();
   float* o2 = s2->typed_data<float>();
+  if (b * c == 0) return ffi::Error::Success();
+  if (pcq == 0) {  // no values: sums 0, shift 0
+    std::fill(sp, sp + b * c, 0.0f);
+    std::fill(o1, o1 + b * c, 0.0f);
+    std::fill(o2, o2 + b * c, 0.0f);
+    return ffi::Error::Success();
+  }
+  Shifts<T>(xp, b, p, c, q, sp);
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (b * k == 0) return ffi::Error::Success();
 
-  if (k == 1) {
-    const int64_t rows_per_task = std::max<int64_t>(1, kTaskValues / std::max<int64_t>(m, 1));
-    const int64_t tasks = (b + rows_per_task - 1) / rows_per_task;
+  if (q > 1) {  // a row of Q values per (b, p, c)
+    const int64_t rows = b * p * c;
+    std::vector<double> partial(size_t(2 * rows));
+    double* t1 = partial.data();
+    double* t2 = t1 + rows;
+    const int64_t rows_per_task = std::max<int64_t>(1, kTaskValues / q);
+    const int64_t tasks = (rows + rows_per_task - 1) / rows_per_task;
     ParallelFor(pool, tasks, threads, [=](int64_t t) {
       const int64_t r0 = t * rows_per_task;
-      RowSums<T>(xp, sp, m, r0, std::min(b, r0 + rows_per_task), o1, o2);
+      RowSums<T>(xp, sp, p * c, c, q, r0, std::min(rows, r0 + rows_per_task), t1, t2);
     });
+    for (int64_t i = 0; i < b; ++i) {
+      for (int64_t k = 0; k < c; ++k) {
+        double a1 = 0, a2 = 0;
+        for (int64_t j = 0; j < p; ++j) {
+          a1 += t1[(i * p + j) * c + k];
+          a2 += t2[(i * p + j) * c + k];
+        }
+        o1[i * c + k] = float(a1);
+        o2[i * c + k] = float(a2);
+      }
+    }
     return ffi::Error::Success();
   }
 
-  // Each matrix's rows in parts that depend only on its shape (so do the values),
-  // each part's sums kept apart and added in order at the end.
+  // Q == 1: each (P, C) matrix's rows in parts that depend only on its shape (so do
+  // the values), each part's sums kept apart and added in order at the end.
+  const int64_t m = p;
   const int64_t rows_per_part = std::max<int64_t>(
-      std::max<int64_t>(1, kTaskValues / k), (m + 63) / 64);
-  const int64_t parts = std::max<int64_t>(1, (m + rows_per_part - 1) / rows_per_part);
-  std::vector<double> partial(size_t(b * parts * 2 * k), 0.0);
+      std::max<int64_t>(1, kTaskValues / c), (m + 63) / 64);
+  const int64_t parts = (m + rows_per_part - 1) / rows_per_part;
+  std::vector<double> partial(size_t(b * parts * 2 * c), 0.0);
   double* pp = partial.data();
   ParallelFor(pool, b * parts, threads, [=](int64_t t) {
     const int64_t mat = t / parts, part = t % parts;
     const int64_t m0 = part * rows_per_part;
-    std::vector<float> scratch(size_t(2 * k));
-    double* t1 = pp + t * 2 * k;
-    ColumnSums<T>(xp + mat * m * k, sp + mat * k, k, m0, std::min(m, m0 + rows_per_part),
-                  t1, t1 + k, scratch.data(), scratch.data() + k);
+    std::vector<float> scratch(size_t(2 * c));
+    double* t1 = pp + t * 2 * c;
+    ColumnSums<T>(xp + mat * m * c, sp + mat * c, c, m0, std::min(m, m0 + rows_per_part),
+                  t1, t1 + c, scratch.data(), scratch.data() + c);
   });
   for (int64_t mat = 0; mat < b; ++mat) {
-    for (int64_t c = 0; c < k; ++c) {
+    for (int64_t k = 0; k < c; ++k) {
       double a1 = 0, a2 = 0;
       for (int64_t part = 0; part < parts; ++part) {
-        const double* t1 = pp + (mat * parts + part) * 2 * k;
-        a1 += t1[c];
-        a2 += t1[k + c];
+        const double* t1 = pp + (mat * parts + part) * 2 * c;
+        a1 += t1[k];
+        a2 += t1[c + k];
       }
-      o1[mat * k + c] = float(a1);
-      o2[mat * k + c] = float(a2);
+      o1[mat * c + k] = float(a1);
+      o2[mat * c + k] = float(a2);
     }
   }
   return ffi::Error::Success();
 }
 
-ffi::Error Dispatch(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer shift,
+ffi::Error Dispatch(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> shift,
                     ffi::Result<ffi::AnyBuffer> s1, ffi::Result<ffi::AnyBuffer> s2) {
-  if (shift.element_type() != ffi::DataType::F32 || s1->element_type() != ffi::DataType::F32 ||
+  if (shift->element_type() != ffi::DataType::F32 || s1->element_type() != ffi::DataType::F32 ||
       s2->element_type() != ffi::DataType::F32) {
     return ffi::Error::InvalidArgument("shift, s1 and s2 must be float32");
   }
@@ -236,14 +302,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnShiftedSums, Dispatch,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 
 // The Python module: `shifted_sums`, the handler as a capsule for
 // jax.ffi.register_ffi_target.
 static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_shifted_sums",
-                              "jbn's CPU kernel for shifted per-channel sums.", -1, nullptr};
+                              "jbn's CPU kernel for per-channel shifted sums.", -1, nullptr};
 
 PyMODINIT_FUNC PyInit__shifted_sums() {
   PyObject* module = PyModule_Create(&kModule);

@@ -1,9 +1,10 @@
 """jbn's CPU kernel for the shifted per-channel sums, where it was built.
 
 The kernel (``csrc/shifted_sums.cc``, compiled into ``jbn._shifted_sums`` when jbn is
-installed) takes ``S1 = sum(x - shift)`` and ``S2 = sum((x - shift)^2)`` in one pass
-over float32 or bfloat16 input, adding in float64 across blocks. XLA's CPU reductions
-take one pass per sum, at half speed once the subtraction is fused in. Where the
+installed) takes a per-channel shift and ``S1 = sum(x - shift)`` and
+``S2 = sum((x - shift)^2)`` in one pass over float32 or bfloat16 input, adding in
+float64 across blocks. XLA's CPU reductions take one pass per sum, at half speed once
+the subtraction is fused in, and a few more small programs for the shift. Where the
 kernel was not built, :func:`available` is False and jbn computes the same sums with
 XLA.
 """
@@ -31,20 +32,22 @@ def available() -> bool:
     return True
 
 
-def shifted_sums(x: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Sums over ``M`` of ``d = x - shift`` and of ``d * d``, on the CPU.
+def shifted_sums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A shift near the mean, and the sums of ``d = x - shift`` and of ``d * d``, per channel.
 
     Args:
-      x: ``(B, M, K)``, float32 or bfloat16.
-      shift: ``(B, K)`` float32, broadcast along ``M``.
+      x: ``(P, C, Q)``, float32 or bfloat16, with channels on the middle axis: an
+        NCHW batch as ``(N, C, H * W)``, an NHWC one as ``(N * H * W, C, 1)``.
 
     Returns:
-      ``(s1, s2)``, each ``(B, K)`` float32. Under ``vmap`` the mapped axes are
-      leading ``B`` axes of both.
+      ``(shift, s1, s2)``, each ``(C,)`` float32: the mean of up to 64 of the
+      channel's first values (a power of two of them), ``sum(x - shift)`` and
+      ``sum((x - shift)^2)`` over ``P`` and ``Q``. Under ``vmap`` the mapped axes
+      lead ``x`` and every output.
     """
     if not available():
         raise RuntimeError("jbn's CPU kernel was not built (no C++ compiler at install time)")
-    # The outputs' type is the shift's: float32 (B, K), and under shard_map varying
-    # over the same mesh axes.
-    out = jax.typeof(shift)
-    return jax.ffi.ffi_call(_TARGET, (out, out), vmap_method="broadcast_all")(x, shift)
+    # The outputs' type: (C,) float32, and under shard_map varying over x's mesh axes
+    # (the probe is traced for its type only, and is dead code to XLA).
+    out = jax.typeof(x[0, :, 0].astype(jnp.float32))
+    return jax.ffi.ffi_call(_TARGET, (out, out, out), vmap_method="broadcast_all")(x)

@@ -101,53 +101,59 @@ def _fused_sums(view: RowView, rows: jax.Array, shift: jax.Array,
     return view.channel_sum(d1), view.channel_sum(d2 * d2)
 
 
-def _kernel_sums(view: RowView, source: jax.Array, shift: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]:
-    """``S1`` and ``S2`` per channel by jbn's CPU kernel, from ``source`` (the view, unconverted)."""
-    if view.matrix:  # (before * C, after): a row per (sample, channel)
-        s1, s2 = _cpu_kernel.shifted_sums(source[:, :, None], view.broadcast(shift))
-        return tuple(jnp.sum(s.reshape(view.before, view.channels), axis=0) for s in (s1, s2))
-    # Channels last: the (before, C) matrix.
-    s1, s2 = _cpu_kernel.shifted_sums(
-        source.reshape(1, view.before, view.channels), shift[None])
-    return s1[0], s2[0]
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _kernel_moments(view: RowView, rows: jax.Array, source: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(shift, S1, S2)`` per channel by jbn's CPU kernel, in one pass over ``source``.
+
+    ``rows``: the input in the compute dtype, in the view; ``source``: the same input
+    before its conversion (or itself), in its own shape. The shift is the kernel's
+    own (a constant, without gradient); the derivative rule takes the sums'
+    tangents as :func:`_fused_sums` would, and its primal values from this function
+    again, so that a derivative of the rule (a second-order derivative) goes
+    through the rule too.
+    """
+    return _cpu_kernel.shifted_sums(source.reshape(view.before, view.channels, view.after))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _one_pass_sums(view: RowView, kernel: bool, rows: jax.Array, source: jax.Array,
-                   shift: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """``S1 = sum(d)`` and ``S2 = sum(d * d)`` per channel, ``d = rows - shift``, on the CPU.
+@_kernel_moments.defjvp
+def _kernel_moments_jvp(view, primals, tangents):
+    rows, source = primals
+    shift, s1, s2 = _kernel_moments(view, rows, source)
+    t = tangents[0]
+    d = _centred(view, rows, shift, None)
+    return (shift, s1, s2), (jnp.zeros_like(shift), view.channel_sum(t),
+                             2 * view.channel_sum(d * t))
 
-    ``kernel``: by jbn's CPU kernel, in one pass over ``source`` (``rows`` before
-    its conversion to float32; ``rows`` itself for float32 input) and without a
-    mask. Otherwise for input converted from a lower precision: XLA's CPU
-    reductions read float32 only, so the converted input is written to memory
-    anyway; subtracting the shift in that same pass (the barrier keeps ``d``
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _written_sums(view: RowView, rows: jax.Array, shift: jax.Array,
+                  valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """``S1 = sum(d)`` and ``S2 = sum(d * d)`` per channel, ``d = rows - shift`` written once.
+
+    Without the kernel, for input converted from a lower precision on the CPU:
+    XLA's CPU reductions read float32 only, so the converted input is written to
+    memory anyway. Subtracting the shift in that same pass (the barrier keeps ``d``
     written) leaves two plain sums, which run about twice as fast as sums with a
     subtraction fused in.
 
-    The derivative rule takes its tangents as :func:`_fused_sums` would, and
-    without the kernel its primal sums too: a backward pass writes the converted
-    input once for its own reductions, and the forward pass of a training step then
-    shares that copy instead of writing a second, shifted one. ``source`` and
-    ``shift`` are treated as constants (they carry no gradient).
+    Only a forward pass that is not differentiated takes this path: the derivative
+    rule computes the sums as :func:`_fused_sums` does, because a backward pass
+    writes the converted input once for its own reductions, and the forward pass of
+    a training step then shares that copy instead of writing a second, shifted one.
+    ``shift`` is treated as a constant (it carries no gradient).
     """
-    if kernel:
-        return _kernel_sums(view, source, shift)
     d = jax.lax.optimization_barrier(_centred(view, rows, shift, valid))
     return view.channel_sum(d), view.channel_sum(d * d)
 
 
-@_one_pass_sums.defjvp
-def _one_pass_sums_jvp(view, kernel, primals, tangents):
-    rows, source, shift, valid = primals
+@_written_sums.defjvp
+def _written_sums_jvp(view, primals, tangents):
+    rows, shift, valid = primals
     d = _centred(view, rows, shift, valid)
     t = tangents[0] if valid is None else jnp.where(valid, tangents[0], 0)
-    # With the kernel, the primal sums come from this function itself, so that a
-    # derivative of this rule (a second-order derivative) goes through the rule again.
-    sums = (_one_pass_sums(view, kernel, rows, source, shift, valid) if kernel
-            else _fused_sums(view, rows, shift, valid))
-    return sums, (view.channel_sum(t), 2 * view.channel_sum(d * t))
+    return (_fused_sums(view, rows, shift, valid),
+            (view.channel_sum(t), 2 * view.channel_sum(d * t)))
 
 
 def local_moments(x: jax.Array, axis: int, mask: jax.Array | None,
@@ -161,30 +167,31 @@ def local_moments(x: jax.Array, axis: int, mask: jax.Array | None,
         positions where it is True count.
       source: ``x`` before its conversion to the compute dtype, where it was
         converted (bfloat16, float16): on the CPU the sums are then taken from it
-        directly or in one pass with the conversion. It changes how the sums are
-        scheduled, not their values.
+        directly, or in one pass with the conversion. It changes how the sums are
+        scheduled, not their values (up to the order of additions).
     """
     c = x.shape[axis]
-    # Named as soon as computed, so that a rematerialized backward pass reads them
-    # instead of recomputing the shift and both sums from x.
-    shift = checkpoint_name(_shift(x, axis, mask), STATS_NAME)
     # Both sums run over the view, in which XLA's CPU reductions are faster.
     view = RowView.of(x.shape, axis)
     rows = view.rows(x)
-    valid = None
-    if mask is None:
+    source = x if source is None else source
+    if (view.on_cpu and mask is None and x.dtype == jnp.float32
+            and source.dtype in _cpu_kernel.DTYPES and _cpu_kernel.available()):
         count = jnp.asarray(x.size // c, x.dtype)
+        shift, s1, s2 = _kernel_moments(view, rows, jax.lax.stop_gradient(source))
+        shift = checkpoint_name(shift, STATS_NAME)
     else:
-        valid = view.rows(jnp.broadcast_to(jnp.expand_dims(mask, axis), x.shape))
-        count = checkpoint_name(jnp.sum(mask, dtype=x.dtype), STATS_NAME)
-    src = x if source is None else source
-    kernel = (view.on_cpu and mask is None and x.dtype == jnp.float32
-              and src.dtype in _cpu_kernel.DTYPES and _cpu_kernel.available())
-    if kernel or (view.on_cpu and source is not None):
-        src = jax.lax.stop_gradient(view.rows(src))
-        s1, s2 = _one_pass_sums(view, kernel, rows, src, shift, valid)
-    else:
-        s1, s2 = _fused_sums(view, rows, shift, valid)
+        # Named as soon as computed, so that a rematerialized backward pass reads
+        # them instead of recomputing the shift and both sums from x.
+        shift = checkpoint_name(_shift(x, axis, mask), STATS_NAME)
+        valid = None
+        if mask is None:
+            count = jnp.asarray(x.size // c, x.dtype)
+        else:
+            valid = view.rows(jnp.broadcast_to(jnp.expand_dims(mask, axis), x.shape))
+            count = checkpoint_name(jnp.sum(mask, dtype=x.dtype), STATS_NAME)
+        sums = _written_sums if view.on_cpu and source is not x else _fused_sums
+        s1, s2 = sums(view, rows, shift, valid)
     s1 = checkpoint_name(s1, STATS_NAME)
     s2 = checkpoint_name(s2, STATS_NAME)
     offset = s1 / jnp.maximum(count, 1)

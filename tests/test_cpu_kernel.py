@@ -31,10 +31,19 @@ def test_the_kernel_is_built_on_a_machine_with_a_compiler(kernel):
     assert kernel.available(), "jbn._shifted_sums was not built: is a C++ compiler installed?"
 
 
-# (B, M, K): rows (K == 1), channels last (B == 1), both, and lengths that leave
-# tails after the kernel's blocks of 256 values and 32 rows.
-SHAPES = [(5, 3136, 1), (3, 1000, 1), (2, 7, 1), (1, 6272, 64), (1, 33, 3), (3, 70, 5),
-          (4, 1, 2)]
+# (P, C, Q): rows (NCHW as (N, C, H * W)), channels last ((N * H * W, C, 1)), and
+# lengths that leave tails after the kernel's blocks of 256 values and 32 rows, or
+# rows shorter than 64 (the shift then takes values from several).
+SHAPES = [(2, 5, 3136), (3, 4, 1000), (4, 2, 7), (6272, 64, 1), (33, 3, 1), (70, 5, 1),
+          (1, 2, 1), (3, 7, 49)]
+
+
+def _corner_mean(x: np.ndarray) -> np.ndarray:
+    """The shift the kernel documents: the mean of a power-of-two corner block."""
+    p, _, q = x.shape
+    q0 = 1 << (min(q, 64).bit_length() - 1)
+    p0 = 1 << (min(p, max(1, 64 // q0)).bit_length() - 1)
+    return x[:p0, :, :q0].mean(axis=(0, 2))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -42,10 +51,11 @@ SHAPES = [(5, 3136, 1), (3, 1000, 1), (2, 7, 1), (1, 6272, 64), (1, 33, 3), (3, 
 def test_kernel_sums_match_float64_at_a_large_mean(kernel, shape, dtype):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(shape) * 3 + 1e4, dtype)
-    shift = (jnp.asarray(x[:, 0, :], jnp.float32) + 0.5)
-    s1, s2 = jax.jit(kernel.shifted_sums)(x, shift)
-    d = np.asarray(x, np.float64) - np.asarray(shift, np.float64)[:, None, :]
-    e1, e2 = d.sum(1), (d * d).sum(1)
+    shift, s1, s2 = jax.jit(kernel.shifted_sums)(x)
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(shift, _corner_mean(x64), rtol=2**-24)
+    d = x64 - np.asarray(shift, np.float64)[None, :, None]
+    e1, e2 = d.sum((0, 2)), (d * d).sum((0, 2))
     # The exact sums of the float32 d, rounded once to float32 (two ulps), up to an
     # error far below the spread that the normalization divides by.
     ulp = 2.0**-23
@@ -56,11 +66,10 @@ def test_kernel_sums_match_float64_at_a_large_mean(kernel, shape, dtype):
 
 def test_kernel_maps_over_leading_axes_under_vmap(kernel):
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((3, 2, 300, 4)), jnp.float32)
-    shift = jnp.asarray(rng.standard_normal((3, 2, 4)), jnp.float32)
-    mapped = jax.vmap(kernel.shifted_sums)(x, shift)
-    looped = [kernel.shifted_sums(x[i], shift[i]) for i in range(3)]
-    for k in range(2):
+    x = jnp.asarray(rng.standard_normal((3, 2, 4, 300)), jnp.float32)
+    mapped = jax.vmap(kernel.shifted_sums)(x)
+    looped = [kernel.shifted_sums(x[i]) for i in range(3)]
+    for k in range(3):
         np.testing.assert_array_equal(mapped[k], np.stack([r[k] for r in looped]))
 
 
