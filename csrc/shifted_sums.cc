@@ -2,7 +2,7 @@
 //
 // For x of shape (B, P, C, Q) (any leading axes folded into B; channels on C), the
 // kernel takes for every (b, c) a shift near the mean: the mean of a corner block
-// of up to 64 values of the channel (a power of two of them: the first values of
+// of up to 8 values of the channel (a power of two of them: the first values of
 // the channel's first rows), and then, in ONE pass over x,
 //
 //   s1[b, c] = sum_{p, q} d,   s2[b, c] = sum_{p, q} d * d,   d = x[b, p, c, q] - shift[b, c]
@@ -173,13 +173,16 @@ inline int64_t PowerOfTwoAtMost(int64_t n) {
   return p;
 }
 
-// Values per channel whose mean is the shift: its distance from the batch mean is
-// then about std / 8, so the shifted sums lose at most a bit or two.
-constexpr int64_t kShiftValues = 64;
+// Values per channel whose mean is the shift. The shift takes away the data's mean,
+// however large; what is left, about std / 3 from the batch mean with 8 values,
+// costs the shifted sums well under a bit, as they are added in float64. (jbn's XLA
+// path takes 64 values, as it adds in float32.) Few values keep this read short
+// where a channel has few values in all (NHWC 7x7 at batch 2: 98).
+constexpr int64_t kShiftValues = 8;
 
 // shift[b, c]: the mean of x[b, p, c, q] over p < P0, q < Q0, both powers of two.
 template <typename T>
-void Shifts(const T* x, int64_t b, int64_t p, int64_t c, int64_t q, float* shift) {
+JBN_CLONES void Shifts(const T* x, int64_t b, int64_t p, int64_t c, int64_t q, float* shift) {
   const int64_t q0 = PowerOfTwoAtMost(std::min(q, kShiftValues));
   const int64_t p0 = PowerOfTwoAtMost(std::min(p, std::max<int64_t>(1, kShiftValues / q0)));
   const double scale = 1.0 / double(p0 * q0);

@@ -40,7 +40,7 @@ def shifted_sums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         NCHW batch as ``(N, C, H * W)``, an NHWC one as ``(N * H * W, C, 1)``.
 
     Returns:
-      ``(shift, s1, s2)``, each ``(C,)`` float32: the mean of up to 64 of the
+      ``(shift, s1, s2)``, each ``(C,)`` float32: the mean of up to 8 of the
       channel's first values (a power of two of them), ``sum(x - shift)`` and
       ``sum((x - shift)^2)`` over ``P`` and ``Q``. Under ``vmap`` the mapped axes
       lead ``x`` and every output.
