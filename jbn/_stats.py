@@ -4,9 +4,10 @@ The naive one-pass variance ``E[x^2] - E[x]^2`` loses every digit when the data'
 mean is large against its spread. Here every value is first shifted by a per-channel
 estimate of the mean (the mean of a corner block of up to 64 values per channel),
 so the sums ``S1 = sum(x - shift)`` and ``S2 = sum((x - shift)^2)`` are of numbers
-near zero, and both are taken in the same pass. The normalization then uses
-``(x - shift) - offset`` with ``offset = S1 / n``, which keeps the output within a few
-float32 ulps of a float64 computation whatever the data's mean. On the CPU, where it
+near zero, and both are taken in the same pass. The normalization then starts from
+the exact ``x - shift`` and takes away the small ``offset = S1 / n`` (folded into the
+bias), which keeps the output within a few float32 ulps of a float64 computation
+whatever the data's mean. On the CPU, where it
 was built, jbn's kernel (:mod:`jbn._cpu_kernel`) takes both sums in one pass.
 
 Across devices each device contributes ``(count, shift, offset, M2)`` to ONE
