@@ -50,7 +50,7 @@ namespace {
 
 constexpr int64_t kLanes = 8;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-// The same, aligned as a float (for arrays of them from any allocator).
+// The same, aligned as a float (for scratch arrays of floats).
 typedef float UVec __attribute__((vector_size(kLanes * sizeof(float)), aligned(alignof(float))));
 
 inline float ToFloat(float v) { return v; }
@@ -71,7 +71,7 @@ __attribute__((always_inline)) inline Vec LoadVec(const T* p) {
 }
 
 // Q > 1: rows [r0, r1) of the (B * P * C, Q) matrix, row r against
-// shift[(r / (P * C)) * C + r % C]; its sums go to t1[r], t2[r].
+// shift[(r / (P * C)) * C + r % C]; its sums go to o1[r], o2[r].
 template <typename T>
 JBN_CLONES void RowSums(const T* x, const float* shift, int64_t pc, int64_t c,
                         int64_t m, int64_t r0, int64_t r1, double* o1, double* o2) {
@@ -224,7 +224,8 @@ ffi::Error Sums(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuff
   const int64_t c = dims[dims.size() - 2];
   const int64_t p = dims[dims.size() - 3];
   const int64_t pcq = p * c * q;
-  const int64_t b = pcq ? int64_t(x.element_count()) / pcq : 0;
+  int64_t b = 1;  // the leading axes, folded
+  for (size_t i = 0; i + 3 < dims.size(); ++i) b *= dims[i];
   if (int64_t(shift->element_count()) != b * c || int64_t(s1->element_count()) != b * c ||
       int64_t(s2->element_count()) != b * c) {
     return ffi::Error::InvalidArgument("shift, s1 and s2 must have B * C elements");
@@ -254,15 +255,18 @@ ffi::Error Sums(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuff
       const int64_t r0 = t * rows_per_task;
       RowSums<T>(xp, sp, p * c, c, q, r0, std::min(rows, r0 + rows_per_task), t1, t2);
     });
-    for (int64_t i = 0; i < b; ++i) {
-      for (int64_t k = 0; k < c; ++k) {
-        double a1 = 0, a2 = 0;
-        for (int64_t j = 0; j < p; ++j) {
-          a1 += t1[(i * p + j) * c + k];
-          a2 += t2[(i * p + j) * c + k];
+    for (int64_t i = 0; i < b; ++i) {  // rows of a channel in order, each read in order
+      double* a1 = t1 + i * p * c;
+      double* a2 = t2 + i * p * c;
+      for (int64_t j = 1; j < p; ++j) {
+        for (int64_t k = 0; k < c; ++k) {
+          a1[k] += a1[j * c + k];
+          a2[k] += a2[j * c + k];
         }
-        o1[i * c + k] = float(a1);
-        o2[i * c + k] = float(a2);
+      }
+      for (int64_t k = 0; k < c; ++k) {
+        o1[i * c + k] = float(a1[k]);
+        o2[i * c + k] = float(a2[k]);
       }
     }
     return ffi::Error::Success();
@@ -281,9 +285,10 @@ ffi::Error Sums(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuff
     const int64_t m0 = part * rows_per_part;
     double* t1 = pp + t * 2 * c;
     const int64_t vecs = c / kLanes;
-    std::vector<UVec> scratch(size_t(2 * vecs));
+    std::vector<float> scratch(size_t(2 * vecs * kLanes));
+    UVec* f1 = reinterpret_cast<UVec*>(scratch.data());
     ColumnSums<T>(xp + mat * m * c, sp + mat * c, c, m0, std::min(m, m0 + rows_per_part),
-                  t1, t1 + c, scratch.data(), scratch.data() + vecs);
+                  t1, t1 + c, f1, f1 + vecs);
   });
   for (int64_t mat = 0; mat < b; ++mat) {  // parts in order, each read in order
     double* first = pp + mat * parts * 2 * c;
@@ -328,7 +333,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnShiftedSums, Dispatch,
 // The Python module: `shifted_sums`, the handler as a capsule for
 // jax.ffi.register_ffi_target.
 static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_shifted_sums",
-                              "jbn's CPU kernel for per-channel shifted sums.", -1, nullptr};
+                              "jbn's CPU kernel for per-channel shifted sums.", -1,
+                              nullptr, nullptr, nullptr, nullptr, nullptr};
 
 PyMODINIT_FUNC PyInit__shifted_sums() {
   PyObject* module = PyModule_Create(&kModule);

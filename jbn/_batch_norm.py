@@ -197,10 +197,10 @@ def _normalize_with_batch_stats(
         invstd = checkpoint_name(
             jax.lax.rsqrt(m.m2 / jnp.maximum(m.count, 1) + eps), STATS_NAME
         )
-        # y = (x - shift) * scale + (bias - offset * scale): the offset (about std / 3
-        # or less: the shift is near the mean) is folded into the (C,) bias, so the
-        # batch-sized loop is one subtraction, one multiplication and one addition
-        # per element, with the exact ``x - shift`` first. Its cotangent is then
+        # y = (x - shift) * scale + (bias - offset * scale): the offset (small: the
+        # shift is near the mean) is folded into the (C,) bias, so the batch-sized
+        # loop is one subtraction, one multiplication and one addition per element,
+        # with the exact ``x - shift`` first. Its cotangent is then
         # ``-scale * sum(dy)``, a sum the bias needs anyway, rather than a separate
         # reduction of the batch-sized ``dy * scale``.
         scale = invstd if weight is None else invstd * weight.astype(compute)

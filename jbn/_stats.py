@@ -7,8 +7,8 @@ so the sums ``S1 = sum(x - shift)`` and ``S2 = sum((x - shift)^2)`` are of numbe
 near zero, and both are taken in the same pass. The normalization then starts from
 the exact ``x - shift`` and takes away the small ``offset = S1 / n`` (folded into the
 bias), which keeps the output within a few float32 ulps of a float64 computation
-whatever the data's mean. On the CPU, where it
-was built, jbn's kernel (:mod:`jbn._cpu_kernel`) takes both sums in one pass.
+whatever the data's mean. On the CPU, where it was built, jbn's kernel
+(:mod:`jbn._cpu_kernel`) takes the shift and both sums in one pass.
 
 Across devices each device contributes ``(count, shift, offset, M2)`` to ONE
 ``all_gather``; every device then merges them with Chan's parallel formula relative to
@@ -176,9 +176,12 @@ def local_moments(x: jax.Array, axis: int, mask: jax.Array | None,
     view = RowView.of(x.shape, axis)
     rows = view.rows(x)
     source = x if source is None else source
+    if mask is None:
+        count = jnp.asarray(x.size // c, x.dtype)
+    else:
+        count = checkpoint_name(jnp.sum(mask, dtype=x.dtype), STATS_NAME)
     if (view.on_cpu and mask is None and x.dtype == jnp.float32
             and source.dtype in _cpu_kernel.DTYPES and _cpu_kernel.available()):
-        count = jnp.asarray(x.size // c, x.dtype)
         shift, s1, s2 = _kernel_moments(view, rows, jax.lax.stop_gradient(source))
         shift = checkpoint_name(shift, STATS_NAME)
     else:
@@ -186,11 +189,8 @@ def local_moments(x: jax.Array, axis: int, mask: jax.Array | None,
         # them instead of recomputing the shift and both sums from x.
         shift = checkpoint_name(_shift(x, axis, mask), STATS_NAME)
         valid = None
-        if mask is None:
-            count = jnp.asarray(x.size // c, x.dtype)
-        else:
+        if mask is not None:
             valid = view.rows(jnp.broadcast_to(jnp.expand_dims(mask, axis), x.shape))
-            count = checkpoint_name(jnp.sum(mask, dtype=x.dtype), STATS_NAME)
         sums = _written_sums if view.on_cpu and source is not x else _fused_sums
         s1, s2 = sums(view, rows, shift, valid)
     s1 = checkpoint_name(s1, STATS_NAME)
