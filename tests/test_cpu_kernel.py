@@ -64,6 +64,13 @@ def test_kernel_sums_match_float64_at_a_large_mean(kernel, shape, dtype):
     np.testing.assert_allclose(np.asarray(s2), e2, rtol=2 * ulp)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 5), (0, 3, 1), (2, 3, 0)], ids=str)
+def test_kernel_gives_zero_sums_for_a_channel_without_values(kernel, shape):
+    outputs = jax.jit(kernel.shifted_sums)(jnp.full(shape, 7.0, jnp.float32))
+    for out in outputs:
+        np.testing.assert_array_equal(out, np.zeros(3, np.float32))
+
+
 def test_kernel_maps_over_leading_axes_under_vmap(kernel):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((3, 2, 4, 300)), jnp.float32)
