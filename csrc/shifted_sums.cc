@@ -1,25 +1,31 @@
-// Per-channel shifted sums for batch norm on the CPU, as an XLA FFI custom call.
+// Per-channel sums for batch norm on the CPU, as XLA FFI custom calls.
 //
-// For x of shape (B, P, C, Q) (any leading axes folded into B; channels on C), the
-// kernel takes for every (b, c) a shift near the mean: the mean of a corner block
-// of up to 8 values of the channel (a power of two of them: the first values of
-// the channel's first rows), and then, in ONE pass over x,
+// For inputs of shape (B, P, C, Q) (any leading axes folded into B; channels on C),
+// each kernel takes two sums per (b, c) over p and q in ONE pass over its inputs:
 //
-//   s1[b, c] = sum_{p, q} d,   s2[b, c] = sum_{p, q} d * d,   d = x[b, p, c, q] - shift[b, c]
+// jbn_shifted_sums, the batch statistics: for x, a shift near the mean (the mean of
+// a corner block of up to 8 values of the channel, a power of two of them: the
+// first values of the channel's first rows), and
 //
-// (d in float32, as XLA would compute it). Values are added in float32 within
-// blocks of at most 256 per channel, and the block sums in float64, so the sums
-// are those of float64 up to a rounding error of a few float32 ulps, and do not
-// depend on the number of threads.
+//   s1[b, c] = sum_{p, q} d,   s2[b, c] = sum_{p, q} d * d,   d = x[b, p, c, q] - shift[b, c];
 //
-// Why a kernel: XLA's CPU reductions run a plain sum(x) or sum(x * x) fast, but any
+// jbn_dot_sums, a backward pass's: for g (the output's gradient), x and a given shift,
+//
+//   s1[b, c] = sum_{p, q} g,   s2[b, c] = sum_{p, q} g * d.
+//
+// d is taken in float32, as XLA would. Values are added in float32 within blocks of
+// at most 256 per channel, and the block sums in float64, so the sums are those of
+// float64 up to a rounding error of a few float32 ulps, and do not depend on the
+// number of threads.
+//
+// Why kernels: XLA's CPU reductions run on one thread, a plain sum(x) fast but any
 // reduction with an elementwise operation fused in (here the shift that keeps the
-// variance accurate for data with a large mean) at about half that speed, take one
-// pass over x per sum, and launch a few more small programs for the shift. This
-// kernel takes one pass for both sums, with the shift, and reads bfloat16
-// directly, without a float32 copy of the input.
+// variance accurate for data with a large mean) at about half that speed, take
+// one pass over the data per sum, and read bfloat16 one value at a time. These
+// kernels take one pass for both sums, on XLA's intra-op threads, and read
+// bfloat16 directly as vectors, without a float32 copy.
 //
-// x: float32 or bfloat16. shift, s1, s2: (B, C) float32.
+// Inputs: float32 or bfloat16 (g and x each). shift, s1, s2: (B, C) float32.
 
 #include <Python.h>
 
@@ -29,6 +35,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -61,23 +68,71 @@ inline float ToFloat(uint16_t v) {  // bfloat16 bits
   return f;
 }
 
-template <typename T>
-__attribute__((always_inline)) inline Vec LoadVec(const T* p) {
-  float f[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) f[l] = ToFloat(p[l]);
+__attribute__((always_inline)) inline Vec LoadVec(const float* p) {
   Vec v;
-  std::memcpy(&v, f, sizeof v);
+  std::memcpy(&v, p, sizeof v);
   return v;
 }
 
+// bfloat16: widened to 32 bits and shifted into a float's high half, as vectors
+// (with AVX2, one vpmovzxwd and one vpslld per 8 values).
+typedef uint16_t Bf16Vec __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t BitsVec __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+__attribute__((always_inline)) inline Vec LoadVec(const uint16_t* p) {
+  Bf16Vec h;
+  std::memcpy(&h, p, sizeof h);
+  const BitsVec bits = __builtin_convertvector(h, BitsVec) << 16;
+  Vec v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// The two sums a pass takes: Add(i, s, a1, a2) adds those of the value at element
+// offset i against its shift s (as vectors of kLanes values, or one value).
+//
+// Squares: one input x; sums d and d * d, d = x - s (the batch statistics).
+template <typename T>
+struct Squares {
+  const T* x;
+  __attribute__((always_inline)) void Add(int64_t i, Vec s, Vec& a1, Vec& a2) const {
+    const Vec d = LoadVec(x + i) - s;
+    a1 += d;
+    a2 += d * d;
+  }
+  __attribute__((always_inline)) void Add(int64_t i, float s, float& a1, float& a2) const {
+    const float d = ToFloat(x[i]) - s;
+    a1 += d;
+    a2 += d * d;
+  }
+};
+
+// Products: inputs g and x; sums g and g * d, d = x - s (a backward pass's sums of
+// the output's gradient, and of it times the centred input).
+template <typename G, typename T>
+struct Products {
+  const G* g;
+  const T* x;
+  __attribute__((always_inline)) void Add(int64_t i, Vec s, Vec& a1, Vec& a2) const {
+    const Vec v = LoadVec(g + i);
+    a1 += v;
+    a2 += v * (LoadVec(x + i) - s);
+  }
+  __attribute__((always_inline)) void Add(int64_t i, float s, float& a1, float& a2) const {
+    const float v = ToFloat(g[i]);
+    a1 += v;
+    a2 += v * (ToFloat(x[i]) - s);
+  }
+};
+
 // Q > 1: rows [r0, r1) of the (B * P * C, Q) matrix, row r against
 // shift[(r / (P * C)) * C + r % C]; its sums go to o1[r], o2[r].
-template <typename T>
-JBN_CLONES void RowSums(const T* x, const float* shift, int64_t pc, int64_t c,
-                        int64_t m, int64_t r0, int64_t r1, double* o1, double* o2) {
+template <typename Op>
+JBN_CLONES void RowSums(const Op op, const float* shift, int64_t pc, int64_t c, int64_t m,
+                        int64_t r0, int64_t r1, double* o1, double* o2) {
   constexpr int64_t kBlock = 256;  // at most 32 values per lane per float32 block
   for (int64_t r = r0; r < r1; ++r) {
-    const T* row = x + r * m;
+    const int64_t row = r * m;
     const float s = shift[(r / pc) * c + r % c];
     const Vec sv = {s, s, s, s, s, s, s, s};
     double t1 = 0, t2 = 0;
@@ -86,27 +141,17 @@ JBN_CLONES void RowSums(const T* x, const float* shift, int64_t pc, int64_t c,
       Vec a1 = {}, a2 = {}, b1 = {}, b2 = {};
       int64_t j = i;
       for (; j + 2 * kLanes <= end; j += 2 * kLanes) {
-        const Vec d = LoadVec(row + j) - sv;
-        const Vec e = LoadVec(row + j + kLanes) - sv;
-        a1 += d;
-        a2 += d * d;
-        b1 += e;
-        b2 += e * e;
+        op.Add(row + j, sv, a1, a2);
+        op.Add(row + j + kLanes, sv, b1, b2);
       }
       if (j + kLanes <= end) {
-        const Vec d = LoadVec(row + j) - sv;
-        a1 += d;
-        a2 += d * d;
+        op.Add(row + j, sv, a1, a2);
         j += kLanes;
       }
       a1 += b1;
       a2 += b2;
       float f1 = 0, f2 = 0;  // fewer than kLanes values left
-      for (; j < end; ++j) {
-        const float d = ToFloat(row[j]) - s;
-        f1 += d;
-        f2 += d * d;
-      }
+      for (; j < end; ++j) op.Add(row + j, s, f1, f2);
       t1 += f1;
       t2 += f2;
       for (int64_t l = 0; l < kLanes; ++l) {
@@ -119,14 +164,15 @@ JBN_CLONES void RowSums(const T* x, const float* shift, int64_t pc, int64_t c,
   }
 }
 
-// Q == 1: rows [m0, m1) of one (M, C) matrix, each against the same (C,) shift;
-// adds into t1, t2 (C float64 each). f1, f2: C / kLanes vectors of scratch
-// each, the float32 sums of a block of rows. Rows are read in order, so each
-// value is one sequential load (a tile of channels walked down the rows is
-// slower for C >= 128); the last C % kLanes channels are added one at a time.
-template <typename T>
-JBN_CLONES void ColumnSums(const T* x, const float* shift, int64_t k, int64_t m0,
-                           int64_t m1, double* t1, double* t2, UVec* f1, UVec* f2) {
+// Q == 1: rows [m0, m1) of the (M, C) matrix at element offset base, each against
+// the same (C,) shift; adds into t1, t2 (C float64 each). f1, f2: C / kLanes
+// vectors of scratch each, the float32 sums of a block of rows. Rows are read in
+// order, so each value is one sequential load (a tile of channels walked down the
+// rows is slower for C >= 128); the last C % kLanes channels are added one at a time.
+template <typename Op>
+JBN_CLONES void ColumnSums(const Op op, int64_t base, const float* shift, int64_t k,
+                           int64_t m0, int64_t m1, double* t1, double* t2, UVec* f1,
+                           UVec* f2) {
   constexpr int64_t kBlockRows = 32;
   const int64_t vecs = k / kLanes;
   for (int64_t i = m0; i < m1; i += kBlockRows) {
@@ -134,9 +180,10 @@ JBN_CLONES void ColumnSums(const T* x, const float* shift, int64_t k, int64_t m0
     for (int64_t v = 0; v < vecs; ++v) f1[v] = f2[v] = Vec{};
     for (int64_t r = i; r < end; ++r) {
       for (int64_t v = 0; v < vecs; ++v) {
-        const Vec d = LoadVec(x + r * k + v * kLanes) - LoadVec(shift + v * kLanes);
-        f1[v] += d;
-        f2[v] += d * d;
+        Vec a1 = f1[v], a2 = f2[v];
+        op.Add(base + r * k + v * kLanes, LoadVec(shift + v * kLanes), a1, a2);
+        f1[v] = a1;
+        f2[v] = a2;
       }
     }
     for (int64_t v = 0; v < vecs; ++v) {
@@ -147,11 +194,7 @@ JBN_CLONES void ColumnSums(const T* x, const float* shift, int64_t k, int64_t m0
     }
     for (int64_t c = vecs * kLanes; c < k; ++c) {
       float a1 = 0, a2 = 0;
-      for (int64_t q = i; q < end; ++q) {
-        const float d = ToFloat(x[q * k + c]) - shift[c];
-        a1 += d;
-        a2 += d * d;
-      }
+      for (int64_t q = i; q < end; ++q) op.Add(base + q * k + c, shift[c], a1, a2);
       t1[c] += a1;
       t2[c] += a2;
     }
@@ -215,35 +258,14 @@ JBN_CLONES void Shifts(const T* x, int64_t b, int64_t p, int64_t c, int64_t q, f
   }
 }
 
-template <typename T>
-ffi::Error Sums(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> shift,
-                ffi::Result<ffi::AnyBuffer> s1, ffi::Result<ffi::AnyBuffer> s2) {
-  const auto dims = x.dimensions();
-  if (dims.size() < 3) return ffi::Error::InvalidArgument("x must have rank 3 or more");
-  const int64_t q = dims[dims.size() - 1];
-  const int64_t c = dims[dims.size() - 2];
-  const int64_t p = dims[dims.size() - 3];
-  const int64_t pcq = p * c * q;
-  int64_t b = 1;  // the leading axes, folded
-  for (size_t i = 0; i + 3 < dims.size(); ++i) b *= dims[i];
-  if (int64_t(shift->element_count()) != b * c || int64_t(s1->element_count()) != b * c ||
-      int64_t(s2->element_count()) != b * c) {
-    return ffi::Error::InvalidArgument("shift, s1 and s2 must have B * C elements");
-  }
-  const T* xp = reinterpret_cast<const T*>(x.untyped_data());
-  float* sp = shift->typed_data<float>();
-  float* o1 = s1->typed_data<float>();
-  float* o2 = s2->typed_data<float>();
-  if (b * c == 0) return ffi::Error::Success();
-  if (pcq == 0) {  // no values: sums 0, shift 0
-    std::fill(sp, sp + b * c, 0.0f);
-    std::fill(o1, o1 + b * c, 0.0f);
-    std::fill(o2, o2 + b * c, 0.0f);
-    return ffi::Error::Success();
-  }
-  Shifts<T>(xp, b, p, c, q, sp);
+// Op's two sums per (b, c) over p and q, for inputs of shape (B, P, C, Q) against
+// shift (B, C), into o1 and o2 ((B, C) float32), on up to all of the pool's
+// threads. The work is split in parts that depend only on the shape, and the parts'
+// float64 sums are added in order, so the values do not depend on the threads.
+template <typename Op>
+void ChannelSums(ffi::ThreadPool& pool, const Op op, int64_t b, int64_t p, int64_t c,
+                 int64_t q, const float* sp, float* o1, float* o2) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-
   if (q > 1) {  // a row of Q values per (b, p, c)
     const int64_t rows = b * p * c;
     std::vector<double> partial(size_t(2 * rows));
@@ -253,7 +275,7 @@ ffi::Error Sums(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuff
     const int64_t tasks = (rows + rows_per_task - 1) / rows_per_task;
     ParallelFor(pool, tasks, threads, [=](int64_t t) {
       const int64_t r0 = t * rows_per_task;
-      RowSums<T>(xp, sp, p * c, c, q, r0, std::min(rows, r0 + rows_per_task), t1, t2);
+      RowSums<Op>(op, sp, p * c, c, q, r0, std::min(rows, r0 + rows_per_task), t1, t2);
     });
     for (int64_t i = 0; i < b; ++i) {  // rows of a channel in order, each read in order
       double* a1 = t1 + i * p * c;
@@ -269,11 +291,10 @@ ffi::Error Sums(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuff
         o2[i * c + k] = float(a2[k]);
       }
     }
-    return ffi::Error::Success();
+    return;
   }
 
-  // Q == 1: each (P, C) matrix's rows in parts that depend only on its shape (so do
-  // the values), each part's sums kept apart and added in order at the end.
+  // Q == 1: each (P, C) matrix's rows in parts, each part's sums kept apart.
   const int64_t m = p;
   const int64_t rows_per_part = std::max<int64_t>(
       std::max<int64_t>(1, kTaskValues / c), (m + 63) / 64);
@@ -287,8 +308,8 @@ ffi::Error Sums(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuff
     const int64_t vecs = c / kLanes;
     std::vector<float> scratch(size_t(2 * vecs * kLanes));
     UVec* f1 = reinterpret_cast<UVec*>(scratch.data());
-    ColumnSums<T>(xp + mat * m * c, sp + mat * c, c, m0, std::min(m, m0 + rows_per_part),
-                  t1, t1 + c, f1, f1 + vecs);
+    ColumnSums<Op>(op, mat * m * c, sp + mat * c, c, m0, std::min(m, m0 + rows_per_part),
+                   t1, t1 + c, f1, f1 + vecs);
   });
   for (int64_t mat = 0; mat < b; ++mat) {  // parts in order, each read in order
     double* first = pp + mat * parts * 2 * c;
@@ -301,28 +322,107 @@ ffi::Error Sums(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuff
       o2[mat * c + k] = float(first[c + k]);
     }
   }
-  return ffi::Error::Success();
 }
 
-ffi::Error Dispatch(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> shift,
-                    ffi::Result<ffi::AnyBuffer> s1, ffi::Result<ffi::AnyBuffer> s2) {
-  if (shift->element_type() != ffi::DataType::F32 || s1->element_type() != ffi::DataType::F32 ||
-      s2->element_type() != ffi::DataType::F32) {
-    return ffi::Error::InvalidArgument("shift, s1 and s2 must be float32");
-  }
-  switch (x.element_type()) {
+// (B, P, C, Q) from an input of shape (B..., P, C, Q): its leading axes folded.
+struct Dims {
+  int64_t b, p, c, q;
+  int64_t values() const { return b * p * c * q; }
+};
+
+// False where x has rank below 3.
+bool DimsOf(const ffi::AnyBuffer& x, Dims* d) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 3) return false;
+  *d = Dims{1, dims[dims.size() - 3], dims[dims.size() - 2], dims[dims.size() - 1]};
+  for (size_t i = 0; i + 3 < dims.size(); ++i) d->b *= dims[i];
+  return true;
+}
+
+bool IsChannelVector(const ffi::AnyBuffer& v, const Dims& d) {
+  return v.element_type() == ffi::DataType::F32 && int64_t(v.element_count()) == d.b * d.c;
+}
+
+// Calls f with a null pointer of the element type of t: float, or uint16_t for
+// bfloat16 bits.
+template <typename F>
+ffi::Error WithElementType(ffi::DataType t, F f) {
+  switch (t) {
     case ffi::DataType::F32:
-      return Sums<float>(pool, x, shift, s1, s2);
+      return f(static_cast<const float*>(nullptr));
     case ffi::DataType::BF16:
-      return Sums<uint16_t>(pool, x, shift, s1, s2);
+      return f(static_cast<const uint16_t*>(nullptr));
     default:
-      return ffi::Error::InvalidArgument("x must be float32 or bfloat16");
+      return ffi::Error::InvalidArgument("inputs must be float32 or bfloat16");
   }
+}
+
+template <typename P>
+using Pointee = std::remove_const_t<std::remove_pointer_t<P>>;
+
+// x: (B..., P, C, Q) -> shift, s1 = sum(x - shift), s2 = sum((x - shift)^2), each (B, C).
+ffi::Error ShiftedSums(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                       ffi::Result<ffi::AnyBuffer> shift, ffi::Result<ffi::AnyBuffer> s1,
+                       ffi::Result<ffi::AnyBuffer> s2) {
+  Dims d;
+  if (!DimsOf(x, &d)) return ffi::Error::InvalidArgument("x must have rank 3 or more");
+  if (!IsChannelVector(*shift, d) || !IsChannelVector(*s1, d) || !IsChannelVector(*s2, d)) {
+    return ffi::Error::InvalidArgument("shift, s1 and s2 must be float32 with B * C elements");
+  }
+  float* sp = shift->typed_data<float>();
+  float* o1 = s1->typed_data<float>();
+  float* o2 = s2->typed_data<float>();
+  if (d.values() == 0) {  // no values: sums 0, shift 0
+    std::fill(sp, sp + d.b * d.c, 0.0f);
+    std::fill(o1, o1 + d.b * d.c, 0.0f);
+    std::fill(o2, o2 + d.b * d.c, 0.0f);
+    return ffi::Error::Success();
+  }
+  return WithElementType(x.element_type(), [&](auto type) {
+    using T = Pointee<decltype(type)>;
+    const T* xp = reinterpret_cast<const T*>(x.untyped_data());
+    Shifts<T>(xp, d.b, d.p, d.c, d.q, sp);
+    ChannelSums(pool, Squares<T>{xp}, d.b, d.p, d.c, d.q, sp, o1, o2);
+    return ffi::Error::Success();
+  });
+}
+
+// g, x: (B..., P, C, Q), shift: (B, C) -> s1 = sum(g), s2 = sum(g * (x - shift)), each (B, C).
+ffi::Error DotSums(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer x,
+                   ffi::AnyBuffer shift, ffi::Result<ffi::AnyBuffer> s1,
+                   ffi::Result<ffi::AnyBuffer> s2) {
+  Dims d;
+  if (!DimsOf(x, &d)) return ffi::Error::InvalidArgument("x must have rank 3 or more");
+  const auto gd = g.dimensions(), xd = x.dimensions();
+  if (!std::equal(gd.begin(), gd.end(), xd.begin(), xd.end())) {
+    return ffi::Error::InvalidArgument("g and x must have the same shape");
+  }
+  if (!IsChannelVector(shift, d) || !IsChannelVector(*s1, d) || !IsChannelVector(*s2, d)) {
+    return ffi::Error::InvalidArgument("shift, s1 and s2 must be float32 with B * C elements");
+  }
+  const float* sp = reinterpret_cast<const float*>(shift.untyped_data());
+  float* o1 = s1->typed_data<float>();
+  float* o2 = s2->typed_data<float>();
+  if (d.values() == 0) {
+    std::fill(o1, o1 + d.b * d.c, 0.0f);
+    std::fill(o2, o2 + d.b * d.c, 0.0f);
+    return ffi::Error::Success();
+  }
+  return WithElementType(g.element_type(), [&](auto g_type) {
+    return WithElementType(x.element_type(), [&](auto x_type) {
+      using G = Pointee<decltype(g_type)>;
+      using T = Pointee<decltype(x_type)>;
+      const Products<G, T> op{reinterpret_cast<const G*>(g.untyped_data()),
+                              reinterpret_cast<const T*>(x.untyped_data())};
+      ChannelSums(pool, op, d.b, d.p, d.c, d.q, sp, o1, o2);
+      return ffi::Error::Success();
+    });
+  });
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnShiftedSums, Dispatch,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnShiftedSums, ShiftedSums,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
@@ -330,19 +430,36 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnShiftedSums, Dispatch,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 
-// The Python module: `shifted_sums`, the handler as a capsule for
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnDotSums, DotSums,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+// The Python module: `shifted_sums` and `dot_sums`, the handlers as capsules for
 // jax.ffi.register_ffi_target.
 static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_shifted_sums",
-                              "jbn's CPU kernel for per-channel shifted sums.", -1,
+                              "jbn's CPU kernels for per-channel shifted sums.", -1,
                               nullptr, nullptr, nullptr, nullptr, nullptr};
+
+static bool AddHandler(PyObject* module, const char* name, void* handler) {
+  PyObject* capsule = PyCapsule_New(handler, nullptr, nullptr);
+  if (capsule == nullptr) return false;
+  if (PyModule_AddObject(module, name, capsule) < 0) {
+    Py_DECREF(capsule);
+    return false;
+  }
+  return true;
+}
 
 PyMODINIT_FUNC PyInit__shifted_sums() {
   PyObject* module = PyModule_Create(&kModule);
   if (module == nullptr) return nullptr;
-  PyObject* capsule =
-      PyCapsule_New(reinterpret_cast<void*>(&JbnShiftedSums), nullptr, nullptr);
-  if (capsule == nullptr || PyModule_AddObject(module, "shifted_sums", capsule) < 0) {
-    Py_XDECREF(capsule);
+  if (!AddHandler(module, "shifted_sums", reinterpret_cast<void*>(&JbnShiftedSums)) ||
+      !AddHandler(module, "dot_sums", reinterpret_cast<void*>(&JbnDotSums))) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -13,6 +13,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jbn import _checks
 from jbn._layout import RowView
+from jbn._normalize import normalize
 from jbn._stats import STATS_NAME, batch_moments
 
 Params = Mapping[str, jax.Array]
@@ -132,44 +133,21 @@ def batch_norm(
     if not use_batch_stats:
         mean = state["running_mean"].astype(compute)
         invstd = jax.lax.rsqrt(state["running_var"].astype(compute) + eps)
-        y = _normalize(x, mean, invstd, weight, bias, axis, compute, out_dtype)
+        y = normalize(x, mean, invstd, weight, bias, axis, compute, out_dtype)
         return y, dict(state)
 
     # PyTorch synchronizes only in training.
     axis_name = axis_name if train else None
     _check_count(x.shape, axis, mask, axis_name)
-    normalize = functools.partial(
+    normalize_batch = functools.partial(
         _normalize_with_batch_stats,
         axis=axis, eps=eps, axis_name=axis_name, axis_index_groups=axis_index_groups,
         compute=compute, out_dtype=out_dtype,
     )
-    y, mean, m2, count = normalize(x, weight, bias, mask)
+    y, mean, m2, count = normalize_batch(x, weight, bias, mask)
     if not (train and state):
         return y, dict(state)
     return y, _update_state(state, mean, m2, count, momentum)
-
-
-def _normalize(
-    x: jax.Array, centre: jax.Array, invstd: jax.Array,
-    weight: jax.Array | None, bias: jax.Array | None, axis: int, compute: jnp.dtype,
-    out_dtype: jnp.dtype,
-) -> jax.Array:
-    """``(x - centre) * invstd * weight + bias``, computed in ``compute``.
-
-    The ``(C,)`` factors are folded first, so the batch-sized loop does one
-    subtraction, one multiplication and one addition per element, in
-    the two-dimensional view (whose transpose, in the backward pass, is the fast
-    row-wise channel sum). Both dtype conversions happen in the view too, so that
-    the backward pass converts ``dy`` once for all its uses.
-    """
-    scale = invstd if weight is None else invstd * weight.astype(compute)
-    view = RowView.of(x.shape, axis)
-    y = view.rows(x).astype(compute)
-    y = y - view.broadcast(centre)
-    y = y * view.broadcast(scale)
-    if bias is not None:
-        y = y + view.broadcast(bias.astype(compute))
-    return view.unrows(y.astype(out_dtype))
 
 
 def _normalize_with_batch_stats(
@@ -206,7 +184,7 @@ def _normalize_with_batch_stats(
         scale = invstd if weight is None else invstd * weight.astype(compute)
         folded = -m.offset * scale
         bias = folded if bias is None else bias.astype(compute) + folded
-        y = _normalize(x, m.shift, invstd, weight, bias, axis, compute, out_dtype)
+        y = normalize(x, m.shift, invstd, weight, bias, axis, compute, out_dtype, source)
         return y, m.mean, m.m2, m.count
 
     return forward(x, weight, bias, mask)

@@ -1,12 +1,16 @@
-"""jbn's CPU kernel for the shifted per-channel sums, where it was built.
+"""jbn's CPU kernels for per-channel sums, where they were built.
 
-The kernel (``csrc/shifted_sums.cc``, compiled into ``jbn._shifted_sums`` when jbn is
-installed) takes a per-channel shift and ``S1 = sum(x - shift)`` and
-``S2 = sum((x - shift)^2)`` in one pass over float32 or bfloat16 input, adding in
-float64 across blocks. XLA's CPU reductions take one pass per sum, at half speed once
-the subtraction is fused in, and a few more small programs for the shift. Where the
-kernel was not built, :func:`available` is False and jbn computes the same sums with
-XLA.
+The kernels (``csrc/shifted_sums.cc``, compiled into ``jbn._shifted_sums`` when jbn
+is installed) take two per-channel sums in one threaded pass over float32 or
+bfloat16 input, adding in float64 across blocks:
+
+- :func:`shifted_sums`, the batch statistics: a shift, ``sum(x - shift)`` and
+  ``sum((x - shift)^2)``;
+- :func:`dot_sums`, the backward pass's: ``sum(g)`` and ``sum(g * (x - shift))``.
+
+XLA's CPU reductions take one pass per sum, at half speed once the subtraction is
+fused in. Where the kernels were not built, :func:`available` is False and jbn
+computes the same sums with XLA.
 """
 
 from __future__ import annotations
@@ -16,20 +20,27 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_TARGET = "jbn_shifted_sums"
+_SHIFTED_SUMS = "jbn_shifted_sums"
+_DOT_SUMS = "jbn_dot_sums"
 # Input dtypes the kernel reads.
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 @functools.cache
 def available() -> bool:
-    """Whether the kernel was built; registers it with XLA on the first call."""
+    """Whether the kernels were built; registers them with XLA on the first call."""
     try:
         from jbn import _shifted_sums
     except ImportError:
         return False
-    jax.ffi.register_ffi_target(_TARGET, _shifted_sums.shifted_sums, platform="cpu")
+    jax.ffi.register_ffi_target(_SHIFTED_SUMS, _shifted_sums.shifted_sums, platform="cpu")
+    jax.ffi.register_ffi_target(_DOT_SUMS, _shifted_sums.dot_sums, platform="cpu")
     return True
+
+
+def _check_available() -> None:
+    if not available():
+        raise RuntimeError("jbn's CPU kernels were not built (no C++ compiler at install time)")
 
 
 def shifted_sums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -45,9 +56,24 @@ def shifted_sums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
       ``sum((x - shift)^2)`` over ``P`` and ``Q``. Under ``vmap`` the mapped axes
       lead ``x`` and every output.
     """
-    if not available():
-        raise RuntimeError("jbn's CPU kernel was not built (no C++ compiler at install time)")
+    _check_available()
     # The outputs' type: (C,) float32, and under shard_map varying over x's mesh axes
     # (the probe is traced for its type only, and is dead code to XLA).
     out = jax.typeof(jnp.sum(x, axis=(0, 2), dtype=jnp.float32))
-    return jax.ffi.ffi_call(_TARGET, (out, out, out), vmap_method="broadcast_all")(x)
+    return jax.ffi.ffi_call(_SHIFTED_SUMS, (out, out, out), vmap_method="broadcast_all")(x)
+
+
+def dot_sums(g: jax.Array, x: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``sum(g)`` and ``sum(g * (x - shift))`` per channel, in one pass over ``g`` and ``x``.
+
+    Args:
+      g, x: ``(P, C, Q)`` (as for :func:`shifted_sums`), each float32 or bfloat16.
+      shift: ``(C,)`` float32.
+
+    Returns:
+      ``(C,)`` float32 each, ``x - shift`` taken in float32. Under ``vmap`` the mapped
+      axes lead every input and output.
+    """
+    _check_available()
+    out = jax.typeof(jnp.sum(g.astype(jnp.float32) * (x - shift[:, None]), axis=(0, 2)))
+    return jax.ffi.ffi_call(_DOT_SUMS, (out, out), vmap_method="broadcast_all")(g, x, shift)

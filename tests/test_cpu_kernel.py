@@ -1,4 +1,4 @@
-"""jbn's CPU kernel for the shifted sums: its values, and batch norm with it and without it."""
+"""jbn's CPU kernels for the per-channel sums: their values, and batch norm with them and without."""
 
 from __future__ import annotations
 
@@ -80,6 +80,47 @@ def test_kernel_maps_over_leading_axes_under_vmap(kernel):
         np.testing.assert_array_equal(mapped[k], np.stack([r[k] for r in looped]))
 
 
+DTYPE_PAIRS = [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
+               (jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("g_dtype, x_dtype", DTYPE_PAIRS, ids=["f32", "bf16", "g32-x16", "g16-x32"])
+def test_kernel_dot_sums_match_float64(kernel, shape, g_dtype, x_dtype):
+    rng = np.random.default_rng(7)
+    g = jnp.asarray(rng.standard_normal(shape), g_dtype)
+    x = jnp.asarray(rng.standard_normal(shape) * 3 + 1e4, x_dtype)
+    shift = jnp.asarray(rng.standard_normal(shape[1]) + 1e4, jnp.float32)
+    s_g, s_gd = jax.jit(kernel.dot_sums)(g, x, shift)
+    g64 = np.asarray(g, np.float64)
+    # x - shift in float32, as documented; the rest exact.
+    d = np.asarray(np.asarray(x, np.float32) - np.asarray(shift)[None, :, None], np.float64)
+    for got, terms in ((s_g, g64), (s_gd, g64 * d)):
+        # Float32 sums of at most 32 terms per lane and block, then float64, then one
+        # rounding to float32: at most (32 + 2) ulps of the sum of the magnitudes.
+        exact = terms.sum((0, 2))
+        bound = 34 * 2.0**-24 * np.abs(terms).sum((0, 2)) + 2.0**-24 * np.abs(exact)
+        np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - exact), bound + 1e-30)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5), (0, 3, 1), (2, 3, 0)], ids=str)
+def test_kernel_dot_sums_are_zero_for_a_channel_without_values(kernel, shape):
+    x = jnp.full(shape, 7.0, jnp.float32)
+    for out in jax.jit(kernel.dot_sums)(x, x, jnp.ones(3, jnp.float32)):
+        np.testing.assert_array_equal(out, np.zeros(3, np.float32))
+
+
+def test_kernel_dot_sums_map_over_leading_axes_under_vmap(kernel):
+    rng = np.random.default_rng(8)
+    g = jnp.asarray(rng.standard_normal((3, 2, 4, 300)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((3, 2, 4, 300)), jnp.bfloat16)
+    shift = jnp.asarray(rng.standard_normal(4), jnp.float32)  # not mapped
+    mapped = jax.vmap(kernel.dot_sums, in_axes=(0, 0, None))(g, x, shift)
+    looped = [kernel.dot_sums(g[i], x[i], shift) for i in range(3)]
+    for k in range(2):
+        np.testing.assert_array_equal(mapped[k], np.stack([r[k] for r in looped]))
+
+
 CASES = [((2, 64, 28, 28), 1), ((2, 28, 28, 64), -1), ((6, 5, 7), 1), ((9, 4), 1),
          ((2, 3, 4, 5, 6), 1), ((5, 3, 1, 1), 1)]
 
@@ -128,35 +169,76 @@ def test_batch_norm_gives_the_same_values_without_the_kernel(kernel, monkeypatch
                                    rtol=rtol, atol=rtol)
 
 
-def _loss(x, params, state, axis):
-    y, _ = jbn.batch_norm(params, state, x, True, axis=axis)
+def _loss(x, params, state, axis, train=True):
+    y, _ = jbn.batch_norm(params, state, x, train, axis=axis)
     return jnp.sum(jnp.sin(y) * jnp.arange(y.size).reshape(y.shape) / y.size)
 
 
 @pytest.mark.parametrize("shape, axis", [((4, 3, 5, 6), 1), ((4, 5, 6, 3), -1)], ids=str)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_derivatives_of_every_kind_are_unchanged_by_the_kernel(kernel, monkeypatch, shape,
-                                                               axis):
+                                                               axis, train):
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal(shape) + 3, jnp.float32)
     t = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     params, state = jbn.init(shape[axis])
     params = {"weight": params["weight"] + 0.5, "bias": params["bias"] - 0.25}
+    state = {**state, "running_mean": state["running_mean"] + 2.5,
+             "running_var": state["running_var"] * 1.5}
 
     def derivatives():
-        loss = jax.jit(lambda x, p: _loss(x, p, state, axis))
+        loss = jax.jit(lambda x, p: _loss(x, p, state, axis, train))
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, params)
         fwd = jax.jit(lambda x, t: jax.jvp(lambda x: loss(x, params), (x,), (t,)))(x, t)
         hvp = jax.jit(lambda x, t: jax.jvp(jax.grad(lambda x: loss(x, params)), (x,), (t,)))(
             x, t)
-        return grad, fwd, hvp, jax.jit(jax.grad(loss)).lower(x, params).as_text()
+        # Reverse over reverse: the gradient of a function of the gradient.
+        rr = jax.jit(jax.grad(lambda x: jnp.sum(jnp.cos(jax.grad(loss)(x, params)))))(x)
+        return grad, fwd, hvp, rr, jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+            x, params).as_text()
 
     *with_kernel, hlo = derivatives()
-    assert "jbn_shifted_sums" in hlo  # the differentiated forward pass uses it too
+    # The backward pass's sums come from the kernel; in training the differentiated
+    # forward pass's statistics too.
+    assert "jbn_dot_sums" in hlo
+    assert ("jbn_shifted_sums" in hlo) == train
     monkeypatch.setattr(_cpu_kernel, "available", lambda: False)
     *without, hlo = derivatives()
-    assert "jbn_shifted_sums" not in hlo
+    assert "jbn_shifted_sums" not in hlo and "jbn_dot_sums" not in hlo
     for a, b in zip(jax.tree.leaves(with_kernel), jax.tree.leaves(without)):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_gradients_under_shard_map_with_replicated_parameters_match_one_device(kernel,
+                                                                               train):
+    # In evaluation the weight's tangent is replicated while the batch is split: the
+    # backward pass then takes XLA's sums, whose transpose adds over devices.
+    try:  # jax >= 0.7
+        from jax import shard_map
+    except ImportError:
+        from jax.experimental.shard_map import shard_map
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.standard_normal((16, 3, 5)) + 2, jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((16, 3, 5)), jnp.float32)
+    params = {"weight": jnp.asarray([0.5, 1.0, 2.0]), "bias": jnp.asarray([0.1, 0.2, 0.3])}
+    _, state = jbn.init(3)
+    state = {**state, "running_mean": jnp.asarray([1.0, 2.0, 3.0])}
+
+    def grads(axis_name):
+        def loss(p, x, dy):
+            return jnp.sum(jbn.batch_norm(p, state, x, train, axis_name=axis_name)[0] * dy)
+        return jax.grad(loss, argnums=(0, 1))
+
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    sharded = jax.jit(shard_map(grads("batch"), mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
+                                out_specs=(P(), P("batch"))))
+    single = jax.jit(grads(None))(params, x, dy)
+    for a, b in zip(jax.tree.leaves(sharded(params, x, dy)), jax.tree.leaves(single)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_masked_and_float16_input_take_the_xla_path(kernel):
