@@ -170,12 +170,18 @@ def all_modes(shape_nchw: tuple[int, ...], dtype_name: str, layout: str, seed: i
     return out
 
 
-def copy_bandwidth(nbytes: int) -> float:
-    """Device copy bandwidth in bytes/s: ``y = x + 1`` over a float32 array (read + write)."""
+def copy_bandwidth(nbytes: int) -> dict[str, float]:
+    """Copy bandwidth in bytes/s of XLA and of torch: ``y = x + 1`` over a float32 array.
+
+    XLA's is the floor's; torch's, on the CPU, shows how much of a gap in elementwise
+    work is XLA's loop against torch's (which uses every core).
+    """
     x = jnp.zeros((nbytes // 4,), jnp.float32)
     f = jax.jit(lambda a: a + 1)
-    ms = _common.interleaved_medians({"copy": lambda: f(x)}, repeats=20)["copy"]
-    return 2 * x.nbytes / (ms * 1e-3)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+    ms = _common.interleaved_medians({"xla": lambda: f(x), "torch": lambda: t + 1}, repeats=20)
+    return {k: 2 * nbytes / (v * 1e-3) for k, v in ms.items()}
 
 
 Results = dict[tuple, dict[str, dict[str, float]]]  # config -> mode -> implementation -> ms
@@ -238,7 +244,12 @@ def run(shapes: list[tuple[int, ...]], linear: list[tuple[int, ...]], repeats: i
         warmup: int, out_path: str | None, processes: int = 1) -> str:
     """Runs the whole suite; prints and returns (and writes to ``out_path``) the markdown."""
     gpu = _common.on_gpu()
-    bandwidth = copy_bandwidth((256 if gpu else 64) * 2**20)
+    # The floor's bandwidth, from an array far larger than the caches; and that of
+    # an array the size of the largest here, which on a CPU may lie in the cache.
+    copy = copy_bandwidth((256 if gpu else 64) * 2**20)
+    largest = max(int(np.prod(s)) for s in shapes) * 4
+    copy_largest = copy_bandwidth(largest)
+    bandwidth = copy["xla"]
     configs = [(s, d, lay) for s in shapes for d in DTYPES for lay in ("NCHW", "NHWC")]
     linear_configs = [(s, "float32", lay) for lay in ("NCHW", "NHWC") for s in linear]
     results = measure_in_processes(configs + linear_configs, repeats, warmup, processes)
@@ -271,7 +282,10 @@ def run(shapes: list[tuple[int, ...]], linear: list[tuple[int, ...]], repeats: i
         "## Batch norm alone" + (" (quick run, tiny shapes)" if len(shapes) < 3 else ""),
         "",
         *_common.machine_lines(),
-        f"- copy bandwidth (y = x + 1): {bandwidth / 1e9:.1f} GB/s",
+        f"- copy bandwidth (y = x + 1, float32): {bandwidth / 1e9:.1f} GB/s in XLA and "
+        f"{copy['torch'] / 1e9:.1f} GB/s in torch over {(256 if gpu else 64)} MiB; "
+        f"{copy_largest['xla'] / 1e9:.1f} and {copy_largest['torch'] / 1e9:.1f} GB/s over "
+        f"{largest / 2**20:.1f} MiB, the largest float32 input here",
         f"- median of {repeats} interleaved repeats"
         + (f", then the median over {processes} processes" if processes > 1 else "")
         + "; ratios are jbn's time over the peer's (below 1: jbn is faster)",

@@ -1,6 +1,7 @@
 // Per-channel sums for batch norm on the CPU, as XLA FFI custom calls.
 //
-// For inputs of shape (B, P, C, Q) (any leading axes folded into B; channels on C),
+// For inputs of shape (B, P, C, Q) (any leading axes folded into B; channels on C;
+// passed as (B..., P, C * Q) with the attribute q = Q),
 // each kernel takes two sums per (b, c) over p and q in ONE pass over its inputs:
 //
 // jbn_shifted_sums, the batch statistics: for x, a shift near the mean (the mean of
@@ -324,18 +325,20 @@ void ChannelSums(ffi::ThreadPool& pool, const Op op, int64_t b, int64_t p, int64
   }
 }
 
-// (B, P, C, Q) from an input of shape (B..., P, C, Q): its leading axes folded.
+// (B, P, C, Q) from an input of shape (B..., P, C * Q) and Q: its leading axes
+// folded. (A trailing axis of length 1 would make XLA copy the input to lay it out
+// for the call, so C and Q share one axis.)
 struct Dims {
   int64_t b, p, c, q;
   int64_t values() const { return b * p * c * q; }
 };
 
-// False where x has rank below 3.
-bool DimsOf(const ffi::AnyBuffer& x, Dims* d) {
+// False where x has rank below 2, or its last axis is not a multiple of q >= 1.
+bool DimsOf(const ffi::AnyBuffer& x, int64_t q, Dims* d) {
   const auto dims = x.dimensions();
-  if (dims.size() < 3) return false;
-  *d = Dims{1, dims[dims.size() - 3], dims[dims.size() - 2], dims[dims.size() - 1]};
-  for (size_t i = 0; i + 3 < dims.size(); ++i) d->b *= dims[i];
+  if (dims.size() < 2 || q < 1 || dims[dims.size() - 1] % q != 0) return false;
+  *d = Dims{1, dims[dims.size() - 2], dims[dims.size() - 1] / q, q};
+  for (size_t i = 0; i + 2 < dims.size(); ++i) d->b *= dims[i];
   return true;
 }
 
@@ -360,12 +363,14 @@ ffi::Error WithElementType(ffi::DataType t, F f) {
 template <typename P>
 using Pointee = std::remove_const_t<std::remove_pointer_t<P>>;
 
-// x: (B..., P, C, Q) -> shift, s1 = sum(x - shift), s2 = sum((x - shift)^2), each (B, C).
-ffi::Error ShiftedSums(ffi::ThreadPool pool, ffi::AnyBuffer x,
+// x: (B..., P, C * Q) -> shift, s1 = sum(x - shift), s2 = sum((x - shift)^2), each (B, C).
+ffi::Error ShiftedSums(ffi::ThreadPool pool, int64_t q, ffi::AnyBuffer x,
                        ffi::Result<ffi::AnyBuffer> shift, ffi::Result<ffi::AnyBuffer> s1,
                        ffi::Result<ffi::AnyBuffer> s2) {
   Dims d;
-  if (!DimsOf(x, &d)) return ffi::Error::InvalidArgument("x must have rank 3 or more");
+  if (!DimsOf(x, q, &d)) {
+    return ffi::Error::InvalidArgument("x must be (B..., P, C * Q) with q = Q >= 1");
+  }
   if (!IsChannelVector(*shift, d) || !IsChannelVector(*s1, d) || !IsChannelVector(*s2, d)) {
     return ffi::Error::InvalidArgument("shift, s1 and s2 must be float32 with B * C elements");
   }
@@ -387,12 +392,14 @@ ffi::Error ShiftedSums(ffi::ThreadPool pool, ffi::AnyBuffer x,
   });
 }
 
-// g, x: (B..., P, C, Q), shift: (B, C) -> s1 = sum(g), s2 = sum(g * (x - shift)), each (B, C).
-ffi::Error DotSums(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer x,
+// g, x: (B..., P, C * Q), shift: (B, C) -> s1 = sum(g), s2 = sum(g * (x - shift)), each (B, C).
+ffi::Error DotSums(ffi::ThreadPool pool, int64_t q, ffi::AnyBuffer g, ffi::AnyBuffer x,
                    ffi::AnyBuffer shift, ffi::Result<ffi::AnyBuffer> s1,
                    ffi::Result<ffi::AnyBuffer> s2) {
   Dims d;
-  if (!DimsOf(x, &d)) return ffi::Error::InvalidArgument("x must have rank 3 or more");
+  if (!DimsOf(x, q, &d)) {
+    return ffi::Error::InvalidArgument("x must be (B..., P, C * Q) with q = Q >= 1");
+  }
   const auto gd = g.dimensions(), xd = x.dimensions();
   if (!std::equal(gd.begin(), gd.end(), xd.begin(), xd.end())) {
     return ffi::Error::InvalidArgument("g and x must have the same shape");
@@ -425,6 +432,7 @@ ffi::Error DotSums(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer x,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnShiftedSums, ShiftedSums,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("q")
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
@@ -433,6 +441,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnShiftedSums, ShiftedSums,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnDotSums, DotSums,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("q")
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

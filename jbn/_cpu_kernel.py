@@ -19,6 +19,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _SHIFTED_SUMS = "jbn_shifted_sums"
 _DOT_SUMS = "jbn_dot_sums"
@@ -58,9 +59,14 @@ def shifted_sums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """
     _check_available()
     # The outputs' type: (C,) float32, and under shard_map varying over x's mesh axes
-    # (the probe is traced for its type only, and is dead code to XLA).
-    out = jax.typeof(jnp.sum(x, axis=(0, 2), dtype=jnp.float32))
-    return jax.ffi.ffi_call(_SHIFTED_SUMS, (out, out, out), vmap_method="broadcast_all")(x)
+    # (the probe is traced for its type only, and is dead code to XLA unless x is
+    # empty, when it is the answer).
+    zeros = jnp.sum(x, axis=(0, 2), dtype=jnp.float32)
+    if x.size == 0:
+        return zeros, zeros, zeros
+    out = jax.typeof(zeros)
+    call = jax.ffi.ffi_call(_SHIFTED_SUMS, (out, out, out), vmap_method="broadcast_all")
+    return call(_flat(x), q=np.int64(x.shape[2]))
 
 
 def dot_sums(g: jax.Array, x: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -75,5 +81,15 @@ def dot_sums(g: jax.Array, x: jax.Array, shift: jax.Array) -> tuple[jax.Array, j
       axes lead every input and output.
     """
     _check_available()
-    out = jax.typeof(jnp.sum(g.astype(jnp.float32) * (x - shift[:, None]), axis=(0, 2)))
-    return jax.ffi.ffi_call(_DOT_SUMS, (out, out), vmap_method="broadcast_all")(g, x, shift)
+    zeros = jnp.sum(g.astype(jnp.float32) * (x - shift[:, None]), axis=(0, 2))
+    if x.size == 0:
+        return zeros, zeros
+    out = jax.typeof(zeros)
+    call = jax.ffi.ffi_call(_DOT_SUMS, (out, out), vmap_method="broadcast_all")
+    return call(_flat(g), _flat(x), shift, q=np.int64(x.shape[2]))
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    """``(P, C, Q)`` as the kernels take it, ``(P, C * Q)``: a trailing axis of length 1
+    would make XLA copy the input to lay it out for the call."""
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2])

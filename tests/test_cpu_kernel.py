@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,6 +242,36 @@ def test_gradients_under_shard_map_with_replicated_parameters_match_one_device(k
     single = jax.jit(grads(None))(params, x, dy)
     for a, b in zip(jax.tree.leaves(sharded(params, x, dy)), jax.tree.leaves(single)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _batch_sized_writes(hlo: str, size: int) -> list[str]:
+    """The instructions of the compiled entry computation that write a batch-sized array."""
+    entry = hlo[hlo.index("ENTRY"):]
+    writes = []
+    for line in entry.splitlines()[1:]:
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* (\S+?)\(", line)
+        if m and m.group(3) not in ("parameter", "bitcast", "get-tuple-element"):
+            if math.prod(int(d) for d in m.group(2).split(",") if d) == size:
+                writes.append(m.group(1))
+    return writes
+
+
+@pytest.mark.parametrize("shape, axis", [((2, 8, 6, 6), 1), ((2, 6, 6, 8), -1)], ids=str)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_kernels_read_their_inputs_in_place(kernel, shape, axis, dtype):
+    # The training forward pass writes y only, and forward+backward dx only: the
+    # kernels take the batch as it lies, without a copy to lay it out for the call.
+    x = jnp.ones(shape, dtype)
+    params, state = jbn.init(shape[axis])
+
+    def f(x):
+        return jbn.batch_norm(params, state, x, True, axis=axis)[0]
+
+    forward = jax.jit(f).lower(x).compile().as_text()
+    both = jax.jit(lambda x: jax.vjp(f, x)[1](x)).lower(x).compile().as_text()
+    assert "jbn_shifted_sums" in forward and "jbn_dot_sums" in both
+    assert len(_batch_sized_writes(forward, x.size)) == 1, forward
+    assert len(_batch_sized_writes(both, x.size)) == 1, both
 
 
 def test_masked_and_float16_input_take_the_xla_path(kernel):
