@@ -106,8 +106,8 @@ def _affine_jvp(view, out_dtype, primals, tangents):
     # used instead, whose transpose has it.
     per_channel = jax.typeof(view.channel_sum(elementwise))
     if jax.typeof(t_scale) == per_channel and jax.typeof(t_bias) == per_channel:
-        t_y = scale_tangent_p.bind(rows, source, centre, t_scale, t_bias, elementwise,
-                                   view=view, out_dtype=out_dtype)
+        t_y = _scale_tangent_p().bind(rows, source, centre, t_scale, t_bias, elementwise,
+                                      view=view, out_dtype=out_dtype)
     else:
         t_y = _scale_tangent_value(rows, source, centre, t_scale, t_bias, elementwise,
                                    view=view, out_dtype=out_dtype)
@@ -124,15 +124,6 @@ def _scale_tangent_value(rows, source, centre, t_scale, t_bias, elementwise, *,
     del source
     return ((rows - view.broadcast(centre)) * view.broadcast(t_scale)
             + view.broadcast(t_bias) + elementwise).astype(out_dtype)
-
-
-scale_tangent_p = Primitive("jbn_scale_tangent")
-scale_tangent_p.def_impl(_scale_tangent_value)
-scale_tangent_p.def_abstract_eval(
-    lambda rows, source, centre, t_scale, t_bias, elementwise, *, view, out_dtype:
-    elementwise.update(dtype=out_dtype, weak_type=False))
-mlir.register_lowering(scale_tangent_p,
-                       mlir.lower_fun(_scale_tangent_value, multiple_results=False))
 
 
 def _scale_tangent_jvp(primals, tangents, *, view, out_dtype):
@@ -160,9 +151,19 @@ def _scale_tangent_transpose(ct, rows, source, centre, t_scale, t_bias, elementw
     return [None] * 3 + [c if ad.is_undefined_primal(v) else None for c, v in zip(cts, linear)]
 
 
-ad.primitive_jvps[scale_tangent_p] = _scale_tangent_jvp
-ad.primitive_transposes[scale_tangent_p] = _scale_tangent_transpose
-batching.primitive_batchers[scale_tangent_p] = _scale_tangent_batch
+@functools.cache
+def _scale_tangent_p() -> Primitive:
+    """The primitive, registered with JAX on first use (only where the kernel runs)."""
+    p = Primitive("jbn_scale_tangent")
+    p.def_impl(_scale_tangent_value)
+    p.def_abstract_eval(
+        lambda rows, source, centre, t_scale, t_bias, elementwise, *, view, out_dtype:
+        elementwise.update(dtype=out_dtype, weak_type=False))
+    mlir.register_lowering(p, mlir.lower_fun(_scale_tangent_value, multiple_results=False))
+    ad.primitive_jvps[p] = _scale_tangent_jvp
+    ad.primitive_transposes[p] = _scale_tangent_transpose
+    batching.primitive_batchers[p] = _scale_tangent_batch
+    return p
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
