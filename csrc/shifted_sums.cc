@@ -167,30 +167,39 @@ JBN_CLONES void RowSums(const Op op, const float* shift, int64_t pc, int64_t c, 
 
 // Q == 1: rows [m0, m1) of the (M, C) matrix at element offset base, each against
 // the same (C,) shift; adds into t1, t2 (C float64 each). f1, f2: C / kLanes
-// vectors of scratch each, the float32 sums of a block of rows. Rows are read in
-// order, so each value is one sequential load (a tile of channels walked down the
-// rows is slower for C >= 128); the last C % kLanes channels are added one at a time.
+// vectors of scratch each, the float32 sums of a block of rows. Within a chunk of
+// channels, rows are read in order, so each value is one sequential load (a narrow
+// tile of channels walked down the rows is slower for C >= 128); the last
+// C % kLanes channels are added one at a time. The order of the additions, and so
+// the values, do not depend on the chunking.
 template <typename Op>
 JBN_CLONES void ColumnSums(const Op op, int64_t base, const float* shift, int64_t k,
                            int64_t m0, int64_t m1, double* t1, double* t2, UVec* f1,
                            UVec* f2) {
   constexpr int64_t kBlockRows = 32;
+  // Channels in chunks of 512, each chunk down the block's rows: its float32 sums
+  // (4 KB) and shifts (2 KB) stay in L1 however many channels there are, and the
+  // block's rows in L2 (at C = 2048, 10-15% faster than all channels per row).
+  constexpr int64_t kChunkVecs = 64;
   const int64_t vecs = k / kLanes;
   for (int64_t i = m0; i < m1; i += kBlockRows) {
     const int64_t end = std::min(m1, i + kBlockRows);
-    for (int64_t v = 0; v < vecs; ++v) f1[v] = f2[v] = Vec{};
-    for (int64_t r = i; r < end; ++r) {
-      for (int64_t v = 0; v < vecs; ++v) {
-        Vec a1 = f1[v], a2 = f2[v];
-        op.Add(base + r * k + v * kLanes, LoadVec(shift + v * kLanes), a1, a2);
-        f1[v] = a1;
-        f2[v] = a2;
+    for (int64_t v0 = 0; v0 < vecs; v0 += kChunkVecs) {
+      const int64_t v1 = std::min(vecs, v0 + kChunkVecs);
+      for (int64_t v = v0; v < v1; ++v) f1[v] = f2[v] = Vec{};
+      for (int64_t r = i; r < end; ++r) {
+        for (int64_t v = v0; v < v1; ++v) {
+          Vec a1 = f1[v], a2 = f2[v];
+          op.Add(base + r * k + v * kLanes, LoadVec(shift + v * kLanes), a1, a2);
+          f1[v] = a1;
+          f2[v] = a2;
+        }
       }
-    }
-    for (int64_t v = 0; v < vecs; ++v) {
-      for (int64_t l = 0; l < kLanes; ++l) {
-        t1[v * kLanes + l] += f1[v][l];
-        t2[v * kLanes + l] += f2[v][l];
+      for (int64_t v = v0; v < v1; ++v) {
+        for (int64_t l = 0; l < kLanes; ++l) {
+          t1[v * kLanes + l] += f1[v][l];
+          t2[v * kLanes + l] += f2[v][l];
+        }
       }
     }
     for (int64_t c = vecs * kLanes; c < k; ++c) {

@@ -39,6 +39,9 @@ def test_the_kernel_is_built_on_a_machine_with_a_compiler(kernel):
 # rows shorter than 8 (the shift then takes values from several).
 SHAPES = [(2, 5, 3136), (3, 4, 1000), (4, 2, 7), (6272, 64, 1), (33, 3, 1), (70, 5, 1),
           (1, 2, 1), (3, 7, 49), (5, 3, 3)]
+# Channels last with more channels than one chunk of 512 and a tail after them, and
+# parts of more than one block of 32 rows.
+CHUNKED = (2100, 523, 1)
 
 
 def _corner_mean(x: np.ndarray) -> np.ndarray:
@@ -83,11 +86,33 @@ def test_kernel_maps_over_leading_axes_under_vmap(kernel):
         np.testing.assert_array_equal(mapped[k], np.stack([r[k] for r in looped]))
 
 
+def _assert_float32_blocked_sum(got: jax.Array, terms: np.ndarray) -> None:
+    """``got`` is the per-channel sum of ``terms`` ``(P, C, Q)`` as the kernels take it.
+
+    Float32 sums of at most 32 terms per lane and block, then float64, then one
+    rounding to float32: off by at most (32 + 2) ulps of the sum of the magnitudes.
+    """
+    exact = terms.sum((0, 2))
+    bound = 34 * 2.0**-24 * np.abs(terms).sum((0, 2)) + 2.0**-24 * np.abs(exact)
+    np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - exact), bound + 1e-30)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_kernel_sums_over_several_chunks_of_channels(kernel, dtype):
+    x = jnp.asarray(np.random.default_rng(10).standard_normal(CHUNKED) * 3 + 1e4, dtype)
+    shift, s1, s2 = jax.jit(kernel.shifted_sums)(x)
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(shift, _corner_mean(x64), rtol=2**-24)
+    d = x64 - np.asarray(shift, np.float64)[None, :, None]  # exact in float32
+    _assert_float32_blocked_sum(s1, d)
+    _assert_float32_blocked_sum(s2, d * d)
+
+
 DTYPE_PAIRS = [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
                (jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32)]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [CHUNKED], ids=str)
 @pytest.mark.parametrize("g_dtype, x_dtype", DTYPE_PAIRS, ids=["f32", "bf16", "g32-x16", "g16-x32"])
 def test_kernel_dot_sums_match_float64(kernel, shape, g_dtype, x_dtype):
     rng = np.random.default_rng(7)
@@ -98,12 +123,8 @@ def test_kernel_dot_sums_match_float64(kernel, shape, g_dtype, x_dtype):
     g64 = np.asarray(g, np.float64)
     # x - shift in float32, as documented; the rest exact.
     d = np.asarray(np.asarray(x, np.float32) - np.asarray(shift)[None, :, None], np.float64)
-    for got, terms in ((s_g, g64), (s_gd, g64 * d)):
-        # Float32 sums of at most 32 terms per lane and block, then float64, then one
-        # rounding to float32: at most (32 + 2) ulps of the sum of the magnitudes.
-        exact = terms.sum((0, 2))
-        bound = 34 * 2.0**-24 * np.abs(terms).sum((0, 2)) + 2.0**-24 * np.abs(exact)
-        np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - exact), bound + 1e-30)
+    _assert_float32_blocked_sum(s_g, g64)
+    _assert_float32_blocked_sum(s_gd, g64 * d)
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 5), (0, 3, 1), (2, 3, 0)], ids=str)
