@@ -19,10 +19,10 @@
 // float64 up to a rounding error of a few float32 ulps, and do not depend on the
 // number of threads.
 //
-// Why kernels: XLA's CPU reductions run on one thread, a plain sum(x) fast but any
+// Why kernels: XLA's CPU reductions run a plain sum(x) fast but any
 // reduction with an elementwise operation fused in (here the shift that keeps the
 // variance accurate for data with a large mean) at about half that speed, take
-// one pass over the data per sum, and read bfloat16 one value at a time. These
+// one pass over the data per sum, and bfloat16 no faster than float32. These
 // kernels take one pass for both sums, on XLA's intra-op threads, and read
 // bfloat16 directly as vectors, without a float32 copy.
 //
