@@ -265,6 +265,32 @@ def test_gradients_under_shard_map_with_replicated_parameters_match_one_device(k
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_gradients_of_vmapped_batch_norm_match_a_loop_over_groups(kernel):
+    # vmap over groups of samples, each normalized on its own: vmap of grad (the
+    # kernel's sums batched) and grad of vmap (the primitive batched) both give the
+    # gradients of a Python loop over the groups.
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(2, 1, (3, 4, 5, 6)), jnp.float32)
+    params, state = jbn.init(5)
+    params = {"weight": jnp.asarray(rng.uniform(0.5, 2, 5), jnp.float32),
+              "bias": jnp.asarray(rng.normal(size=5), jnp.float32)}
+
+    def loss(p, x):
+        return _loss(x, p, state, 1)
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    loop = [grad(params, x[i]) for i in range(3)]
+    looped = jax.tree.map(lambda *g: jnp.stack(g), *loop)
+    per_group = jax.jit(jax.vmap(grad, in_axes=(None, 0)))(params, x)
+    total = jax.jit(jax.grad(lambda p, x: jnp.sum(jax.vmap(loss, in_axes=(None, 0))(p, x)),
+                             argnums=(0, 1)))(params, x)
+    for a, b in zip(jax.tree.leaves(per_group), jax.tree.leaves(looped)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    summed = (jax.tree.map(lambda g: g.sum(0), looped[0]), looped[1])
+    for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(summed)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _batch_sized_writes(hlo: str, size: int) -> list[str]:
     """The instructions of the compiled entry computation that write a batch-sized array."""
     entry = hlo[hlo.index("ENTRY"):]
