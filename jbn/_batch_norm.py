@@ -132,8 +132,10 @@ def batch_norm(
     use_batch_stats = train or not state
     if not use_batch_stats:
         mean = state["running_mean"].astype(compute)
-        invstd = jax.lax.rsqrt(state["running_var"].astype(compute) + eps)
-        y = normalize(x, mean, invstd, weight, bias, axis, compute, out_dtype)
+        scale = jax.lax.rsqrt(state["running_var"].astype(compute) + eps)
+        if weight is not None:
+            scale = scale * weight.astype(compute)
+        y = normalize(x, mean, scale, bias, axis, compute, out_dtype)
         return y, dict(state)
 
     # PyTorch synchronizes only in training.
@@ -184,7 +186,7 @@ def _normalize_with_batch_stats(
         scale = invstd if weight is None else invstd * weight.astype(compute)
         folded = -m.offset * scale
         bias = folded if bias is None else bias.astype(compute) + folded
-        y = normalize(x, m.shift, invstd, weight, bias, axis, compute, out_dtype, source)
+        y = normalize(x, m.shift, scale, bias, axis, compute, out_dtype, source)
         return y, m.mean, m.m2, m.count
 
     return forward(x, weight, bias, mask)

@@ -36,16 +36,16 @@ _F32 = jnp.dtype(jnp.float32)
 
 
 def normalize(
-    x: jax.Array, centre: jax.Array, invstd: jax.Array, weight: jax.Array | None,
-    bias: jax.Array | None, axis: int, compute: jnp.dtype, out_dtype: jnp.dtype,
-    source: jax.Array | None = None,
+    x: jax.Array, centre: jax.Array, scale: jax.Array, bias: jax.Array | None, axis: int,
+    compute: jnp.dtype, out_dtype: jnp.dtype, source: jax.Array | None = None,
 ) -> jax.Array:
-    """``(x - centre) * invstd * weight + bias`` per channel, computed in ``compute``.
+    """``(x - centre) * scale + bias`` per channel, computed in ``compute``.
 
     Args:
       x: the input, any shape, channels on (non-negative) ``axis``.
-      centre, invstd: ``(C,)`` in ``compute``.
-      weight, bias: ``(C,)`` or None.
+      centre, scale: ``(C,)`` in ``compute`` (``scale``: the inverse standard
+        deviation times the weight).
+      bias: ``(C,)`` or None.
       compute: the dtype of the arithmetic; out_dtype: ``y``'s.
       source: ``x`` before a conversion to ``compute``, where it was converted; the
         CPU kernel then reads it in its own dtype in the backward pass.
@@ -53,13 +53,12 @@ def normalize(
     Returns:
       ``y``, ``x``'s shape, in ``out_dtype``.
 
-    The ``(C,)`` factors are folded first, so the batch-sized loop does one
+    With the ``(C,)`` factors folded by the caller, the batch-sized loop does one
     subtraction, one multiplication and one addition per element, in the view of
     :class:`~jbn._layout.RowView` (whose transpose, in the backward pass, is the
     fast row-wise channel sum). Both dtype conversions happen in the view too, so
     that the backward pass converts ``dy`` once for all its uses.
     """
-    scale = invstd if weight is None else invstd * weight.astype(compute)
     view = RowView.of(x.shape, axis)
     rows = view.rows(x).astype(compute)
     source = x if source is None else source
@@ -75,10 +74,15 @@ def normalize(
     return view.unrows(y)
 
 
+def _affine_f32(view: RowView, rows: jax.Array, centre: jax.Array, scale: jax.Array,
+                bias: jax.Array) -> jax.Array:
+    """``(rows - centre) * scale + bias`` in the view, in float32."""
+    return (rows - view.broadcast(centre)) * view.broadcast(scale) + view.broadcast(bias)
+
+
 def _affine_value(view: RowView, out_dtype: jnp.dtype, rows: jax.Array, centre: jax.Array,
                   scale: jax.Array, bias: jax.Array) -> jax.Array:
-    return ((rows - view.broadcast(centre)) * view.broadcast(scale)
-            + view.broadcast(bias)).astype(out_dtype)
+    return _affine_f32(view, rows, centre, scale, bias).astype(out_dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -121,8 +125,7 @@ def _scale_tangent_value(rows, source, centre, t_scale, t_bias, elementwise, *,
     transpose only.
     """
     del source
-    return ((rows - view.broadcast(centre)) * view.broadcast(t_scale)
-            + view.broadcast(t_bias) + elementwise).astype(out_dtype)
+    return (_affine_f32(view, rows, centre, t_scale, t_bias) + elementwise).astype(out_dtype)
 
 
 def _scale_tangent_jvp(primals, tangents, *, view, out_dtype):
