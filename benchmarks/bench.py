@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/bench.py [--quick] [--processes N] [--out benchmarks/RESULTS.md]
+    python benchmarks/bench.py [--quick] [--processes N] [--cores N ...] [--out benchmarks/RESULTS.md]
 
 Implementations (one interleaved run: each repeat calls every implementation once, in a
 shuffled order; the median of the repeats is reported; warm-up and compilation are excluded; JAX
@@ -22,6 +22,11 @@ Modes: ``train`` (training forward: ``y`` and the new running statistics), ``eva
 already computed, applied to ``dy``; gradients for ``x``, weight and bias) and
 ``fwd+bwd`` (both in one call). Ratios are jbn's time over the peer's: below 1 means
 jbn is faster.
+
+On a CPU with more than one core the suite is run twice: on every core, and pinned to one
+core (``--cores``). The second run gives XLA and torch one thread each, which separates the
+libraries' loops from their runtimes' threading: XLA splits an elementwise loop over the
+cores of its thread pool, which on a small machine can cost more than it gains.
 
 Batch norm is memory-bound; the floor of each mode is the bytes it must move over the
 device's copy bandwidth (measured first): training forward reads ``x`` twice and writes
@@ -209,23 +214,27 @@ def measure(configs: list[tuple], repeats: int, warmup: int) -> Results:
 
 
 def measure_in_processes(configs: list[tuple], repeats: int, warmup: int,
-                         processes: int) -> Results:
+                         processes: int, cores: int | None = None) -> Results:
     """:func:`measure` in ``processes`` fresh processes, one after the other; the median of theirs.
 
     Within one process, where each program's buffers happen to lie moves its time by
     up to a fifth on some CPUs, the same way for every repeat; the median over
-    processes is what a user sees on a typical run.
+    processes is what a user sees on a typical run. ``cores``: pin the processes to
+    that many of this one's CPUs (XLA sizes its thread pool to them, and torch is
+    given as many threads); None, all of them.
     """
-    if processes == 1:
+    if processes == 1 and cores is None:
         return measure(configs, repeats, warmup)
+    cpus = None if cores is None else sorted(os.sched_getaffinity(0))[:cores]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(processes):
             path = os.path.join(tmp, f"{i}.json")
-            print(f"process {i + 1} of {processes}", flush=True)
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--measure-to", path,
-                            "--configs", json.dumps(configs), "--repeats", str(repeats),
-                            "--warmup", str(warmup)], check=True)
+            print(f"process {i + 1} of {processes}"
+                  + (f", pinned to {cores} core(s)" if cores else ""), flush=True)
+            args = ["--measure-to", path, "--configs", json.dumps(configs),
+                    "--repeats", str(repeats), "--warmup", str(warmup)]
+            subprocess.run(_command(args, cpus), check=True)
             with open(path) as f:
                 runs.append({_config(c): r for c, r in json.load(f)})
     return {
@@ -235,15 +244,48 @@ def measure_in_processes(configs: list[tuple], repeats: int, warmup: int,
     }
 
 
+def _command(args: list[str], cpus: list[int] | None) -> list[str]:
+    """The command that runs this script with ``args``, pinned to ``cpus`` where given.
+
+    The pinning is the new interpreter's first statement, before JAX or torch start
+    a thread, so that every thread of theirs inherits it.
+    """
+    script = os.path.abspath(__file__)
+    if cpus is None:
+        return [sys.executable, script, *args]
+    boot = (f"import os, runpy, sys; os.sched_setaffinity(0, {cpus!r}); "
+            f"sys.argv = {[script, *args]!r}; runpy.run_path({script!r}, run_name='__main__')")
+    return [sys.executable, "-c", boot]
+
+
 def _config(c: list) -> tuple:
     """A configuration read back from JSON: ``[[2, 64, 8, 8], "float32", "NCHW"]``."""
     return (tuple(c[0]), c[1], c[2])
 
 
+def all_cores() -> int:
+    """How many CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def default_cores() -> list[int]:
+    """Every core, and on a CPU with more than one where processes can be pinned, one core too."""
+    n = all_cores()
+    if _common.on_gpu() or n == 1 or not hasattr(os, "sched_setaffinity"):
+        return [n]
+    return [n, 1]
+
+
 def run(shapes: list[tuple[int, ...]], linear: list[tuple[int, ...]], repeats: int,
-        warmup: int, out_path: str | None, processes: int = 1) -> str:
-    """Runs the whole suite; prints and returns (and writes to ``out_path``) the markdown."""
+        warmup: int, out_path: str | None, processes: int = 1,
+        cores: list[int] | None = None) -> str:
+    """Runs the whole suite; prints and returns (and writes to ``out_path``) the markdown.
+
+    ``cores``: the core counts to measure on, one section each (default:
+    :func:`default_cores`); the first also times the batch sizes of ``linear``.
+    """
     gpu = _common.on_gpu()
+    cores = cores or default_cores()
     # The floor's bandwidth, from an array far larger than the caches; and that of
     # an array the size of the largest here, which on a CPU may lie in the cache.
     copy = copy_bandwidth((256 if gpu else 64) * 2**20)
@@ -252,25 +294,65 @@ def run(shapes: list[tuple[int, ...]], linear: list[tuple[int, ...]], repeats: i
     bandwidth = copy["xla"]
     configs = [(s, d, lay) for s in shapes for d in DTYPES for lay in ("NCHW", "NHWC")]
     linear_configs = [(s, "float32", lay) for lay in ("NCHW", "NHWC") for s in linear]
-    results = measure_in_processes(configs + linear_configs, repeats, warmup, processes)
+    quick = " (quick run, tiny shapes)" if len(shapes) < 3 else ""
+    repeated = (f"- median of {repeats} interleaved repeats"
+                + (f", then the median over {processes} processes" if processes > 1 else "")
+                + "; ratios are jbn's time over the peer's (below 1: jbn is faster)")
+    sections = []
+    for i, n in enumerate(cores):
+        pinned = n < all_cores()
+        results = measure_in_processes(configs + (linear_configs if i == 0 else []), repeats,
+                                       warmup, processes, cores=n if pinned else None)
+        if pinned:
+            lines = [f"## Batch norm alone, pinned to {n} of the {all_cores()} cores{quick}", "",
+                     f"- the same suite, measured in processes pinned to {n} core(s): XLA's "
+                     f"thread pool and torch's threads, {n} each", repeated]
+        else:
+            lines = [f"## Batch norm alone{quick}", "", *_common.machine_lines(),
+                     f"- copy bandwidth (y = x + 1, float32): {bandwidth / 1e9:.1f} GB/s in XLA "
+                     f"and {copy['torch'] / 1e9:.1f} GB/s in torch over "
+                     f"{(256 if gpu else 64)} MiB; {copy_largest['xla'] / 1e9:.1f} and "
+                     f"{copy_largest['torch'] / 1e9:.1f} GB/s over {largest / 2**20:.1f} MiB, "
+                     "the largest float32 input here", repeated]
+        lines += ["", *_tables(results, shapes, configs, gpu, bandwidth)]
+        if i == 0:
+            lines += ["### Linear cost in the batch size (float32)", "",
+                      _common.markdown_table(_header(gpu), _rows(
+                          results, linear_configs, gpu, bandwidth, ("train", "fwd+bwd"))), ""]
+        sections.append("\n".join(lines))
+    text = "\n".join(sections)
+    print(text)
+    if out_path:
+        with open(out_path, "w") as f:
+            f.write("# Benchmark results\n\n" + text)
+    return text
 
-    def rows(cfgs, modes=MODES):
-        for shape, dtype_name, layout in cfgs:
-            itemsize = jnp.dtype(DTYPES[dtype_name][0]).itemsize
-            for m in modes:
-                t = results[(shape, dtype_name, layout)][m]
-                row = [layout, dtype_name, "x".join(map(str, shape)), m]
-                row += [t[i] for i in IMPLS]
-                row += [t["jbn"] / t[p] for p in PEERS]
-                if gpu:
-                    floor = BYTES_OF_X[m] * np.prod(shape) * itemsize / bandwidth * 1e3
-                    row += [floor, floor / t["jbn"]]
-                yield row
 
+def _header(gpu: bool) -> list[str]:
     header = ["layout", "dtype", "shape (NCHW)", "mode"] + [f"{i} ms" for i in IMPLS]
     header += [f"jbn / {p}" for p in PEERS]
-    if gpu:
-        header += ["floor ms", "jbn at floor"]
+    return header + (["floor ms", "jbn at floor"] if gpu else [])
+
+
+def _rows(results: Results, configs: list[tuple], gpu: bool, bandwidth: float,
+          modes: tuple[str, ...] = MODES):
+    """One table row per configuration and mode: times, ratios, and on a GPU the floor."""
+    for shape, dtype_name, layout in configs:
+        itemsize = jnp.dtype(DTYPES[dtype_name][0]).itemsize
+        for m in modes:
+            t = results[(shape, dtype_name, layout)][m]
+            row = [layout, dtype_name, "x".join(map(str, shape)), m]
+            row += [t[i] for i in IMPLS]
+            row += [t["jbn"] / t[p] for p in PEERS]
+            if gpu:
+                floor = BYTES_OF_X[m] * np.prod(shape) * itemsize / bandwidth * 1e3
+                row += [floor, floor / t["jbn"]]
+            yield row
+
+
+def _tables(results: Results, shapes: list[tuple[int, ...]], configs: list[tuple], gpu: bool,
+            bandwidth: float) -> list[str]:
+    """The summary (geometric means over the shapes) and the table of every shape."""
     summary = []
     for layout in ("NCHW", "NHWC"):
         for dtype_name in DTYPES:
@@ -278,37 +360,13 @@ def run(shapes: list[tuple[int, ...]], linear: list[tuple[int, ...]], repeats: i
                 ts = [results[(s, dtype_name, layout)][m] for s in shapes]
                 summary.append([layout, dtype_name, m] + [
                     _common.geomean(t["jbn"] / t[p] for t in ts) for p in PEERS])
-    text = "\n".join([
-        "## Batch norm alone" + (" (quick run, tiny shapes)" if len(shapes) < 3 else ""),
-        "",
-        *_common.machine_lines(),
-        f"- copy bandwidth (y = x + 1, float32): {bandwidth / 1e9:.1f} GB/s in XLA and "
-        f"{copy['torch'] / 1e9:.1f} GB/s in torch over {(256 if gpu else 64)} MiB; "
-        f"{copy_largest['xla'] / 1e9:.1f} and {copy_largest['torch'] / 1e9:.1f} GB/s over "
-        f"{largest / 2**20:.1f} MiB, the largest float32 input here",
-        f"- median of {repeats} interleaved repeats"
-        + (f", then the median over {processes} processes" if processes > 1 else "")
-        + "; ratios are jbn's time over the peer's (below 1: jbn is faster)",
-        "",
-        "### Summary: geometric mean over the shapes of jbn's time ratio",
-        "",
+    return [
+        "### Summary: geometric mean over the shapes of jbn's time ratio", "",
         _common.markdown_table(["layout", "dtype", "mode"] + [f"jbn / {p}" for p in PEERS],
-                               summary),
-        "",
-        "### Every shape",
-        "",
-        _common.markdown_table(header, rows(configs)),
-        "",
-        "### Linear cost in the batch size (float32)",
-        "",
-        _common.markdown_table(header, rows(linear_configs, ("train", "fwd+bwd"))),
-        "",
-    ])
-    print(text)
-    if out_path:
-        with open(out_path, "w") as f:
-            f.write("# Benchmark results\n\n" + text)
-    return text
+                               summary), "",
+        "### Every shape", "",
+        _common.markdown_table(_header(gpu), _rows(results, configs, gpu, bandwidth)), "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -318,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size (default: 256 on a GPU, 2 on a CPU)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--cores", type=int, nargs="+", default=None,
+                        help="core counts to measure on, one section each (default: all "
+                        "cores, and also 1 on a CPU with more than one)")
     parser.add_argument("--processes", type=int, default=None,
                         help="measure in this many fresh processes and report the median "
                         "(default: 3, or 1 with --quick)")
@@ -327,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure_to:
+        torch.set_num_threads(min(torch.get_num_threads(), all_cores()))
         configs = [_config(c) for c in json.loads(args.configs)]
         results = measure(configs, args.repeats, args.warmup)
         with open(args.measure_to, "w") as f:
@@ -342,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         linear = [(b,) + RESNET50_SHAPES[1] for b in (n // 2 or 1, n, 2 * n)]
         repeats, warmup = args.repeats or 21, 3
     processes = args.processes or (1 if args.quick else 3)
-    run(shapes, linear, repeats, warmup, args.out, processes)
+    run(shapes, linear, repeats, warmup, args.out, processes, args.cores)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ def test_bench_quick_mode_writes_a_table_with_every_implementation_and_mode(tmp_
                  "| train |", "| eval |", "| bwd |", "| fwd+bwd |", "NHWC", "NCHW",
                  "bfloat16", "float32", "Linear cost", "jax ", "CPU:"):
         assert word in text, word
+    if len(os.sched_getaffinity(0)) > 1:  # the same suite again, pinned to one core
+        assert "pinned to 1 of the" in text
+        assert text.count("### Summary") == 2 and text.count("Linear cost") == 1
 
 
 def test_jbn_normalization_fuses_with_relu_as_often_as_flax_and_writes_no_more_arrays():
