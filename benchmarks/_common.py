@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import random
@@ -30,32 +31,50 @@ def sync(out: Any) -> Any:
 
 
 def interleaved_medians(
-    fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 2
+    fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 2,
+    min_sample_ms: float | None = None,
 ) -> dict[str, float]:
-    """Median wall time in milliseconds of each zero-argument function.
+    """Median wall time in milliseconds of one call of each zero-argument function.
 
     Every function is first called ``warmup`` times (compilation excluded from the
-    timing), then the functions are called round-robin, one call each per repeat, so a
+    timing), then the functions are called round-robin, one sample each per repeat, so a
     drift of the machine's speed (other load, clock changes) hits all of them alike.
-    The order within a repeat is shuffled (seeded), and each timed call comes right
+    The order within a repeat is shuffled (seeded), and each timed sample comes right
     after an untimed call of the same function: what ran before (another runtime's
     spinning thread pool, an input evicted from the cache) then weighs on no function
     more than on another.
+
+    A sample is ``k`` calls issued back to back and waited for once, divided by ``k``:
+    ``k`` is 1 unless a call takes less than ``min_sample_ms`` (default: 2 ms on a GPU,
+    0 elsewhere), when it is raised (up to 64) to make the sample that long. On a GPU
+    the calls then queue on the device while the host issues the next, and the sample
+    measures the device's time rather than one launch's latency.
     """
-    for fn in fns.values():
+    if min_sample_ms is None:
+        min_sample_ms = 2.0 if on_gpu() else 0.0
+    calls: dict[str, int] = {}
+    for name, fn in fns.items():
         for _ in range(warmup):
             sync(fn())
+        calls[name] = 1
+        if min_sample_ms > 0:
+            start = time.perf_counter()
+            sync(fn())
+            once = (time.perf_counter() - start) * 1e3
+            calls[name] = max(1, min(64, math.ceil(min_sample_ms / max(once, 1e-6))))
     times: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
     shuffle = random.Random(0).shuffle
     for _ in range(repeats):
         shuffle(order)
         for name in order:
-            fn = fns[name]
+            fn, k = fns[name], calls[name]
             sync(fn())
             start = time.perf_counter()
+            for _ in range(k - 1):
+                fn()
             sync(fn())
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name].append((time.perf_counter() - start) * 1e3 / k)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

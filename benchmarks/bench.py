@@ -29,7 +29,9 @@ libraries' loops from their runtimes' threading: XLA splits an elementwise loop 
 cores of its thread pool, which on a small machine can cost more than it gains.
 
 Batch norm is memory-bound; the floor of each mode is the bytes it must move over the
-device's copy bandwidth (measured first): training forward reads ``x`` twice and writes
+device's copy bandwidth (measured first, in XLA and in torch: the faster of the two is
+the floor's, since it is what the device can be made to do; on a GPU the tables give
+jbn's time over the floor): training forward reads ``x`` twice and writes
 ``y`` (3 bytes-of-x), evaluation 2, backward 5 (reduce over ``dy`` and ``x``, read them
 again, write ``dx``), forward+backward 6 (the statistics pass, then the backward).
 """
@@ -37,6 +39,7 @@ again, write ``dx``), forward+backward 6 (the statistics pass, then the backward
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -76,6 +79,9 @@ def jax_modes(apply_train: Callable, apply_eval: Callable, params: Any, x: jax.A
       apply_eval: ``(params, x) -> y``, an evaluation forward.
       params: the differentiable parameters (weight and bias).
       x, dy: input and output cotangent, of the same shape and dtype.
+
+    Each call is a ``functools.partial`` of a jitted function and its arguments, whose
+    compiled program ``call.func.lower(*call.args).compile()`` gives.
     """
     train = jax.jit(apply_train)
     evaluate = jax.jit(apply_eval)
@@ -84,10 +90,10 @@ def jax_modes(apply_train: Callable, apply_eval: Callable, params: Any, x: jax.A
     backward = jax.jit(lambda f, dy: f(dy))
     fwd_bwd = jax.jit(lambda p, x, dy: jax.vjp(lambda p, x: apply_train(p, x)[0], p, x)[1](dy))
     return {
-        "train": lambda: train(params, x),
-        "eval": lambda: evaluate(params, x),
-        "bwd": lambda: backward(vjp_fn, dy),
-        "fwd+bwd": lambda: fwd_bwd(params, x, dy),
+        "train": functools.partial(train, params, x),
+        "eval": functools.partial(evaluate, params, x),
+        "bwd": functools.partial(backward, vjp_fn, dy),
+        "fwd+bwd": functools.partial(fwd_bwd, params, x, dy),
     }
 
 
@@ -149,9 +155,12 @@ def torch_modes(x_nchw: np.ndarray, dy_nchw: np.ndarray, dtype: torch.dtype,
     return {"train": train, "eval": evaluate, "bwd": backward, "fwd+bwd": fwd_bwd}
 
 
-def all_modes(shape_nchw: tuple[int, ...], dtype_name: str, layout: str, seed: int = 0
-              ) -> dict[str, Modes]:
-    """Every implementation's timed calls for one shape (given as NCHW), dtype and layout."""
+def all_modes(shape_nchw: tuple[int, ...], dtype_name: str, layout: str, seed: int = 0,
+              jax_only: bool = False) -> dict[str, Modes]:
+    """Every implementation's timed calls for one shape (given as NCHW), dtype and layout.
+
+    ``jax_only``: jbn and flax only (no torch, no second copy of jbn).
+    """
     jdtype, tdtype = DTYPES[dtype_name]
     rng = np.random.default_rng(seed)
     x_nchw = rng.standard_normal(shape_nchw, dtype=np.float32)
@@ -163,10 +172,12 @@ def all_modes(shape_nchw: tuple[int, ...], dtype_name: str, layout: str, seed: i
     x, dy = to_jax(x_nchw), to_jax(dy_nchw)
     out: dict[str, Modes] = {
         "jbn": jbn_modes(x, dy, axis),
-        "jbn-copy": jbn_modes(jnp.array(x, copy=True), jnp.array(dy, copy=True), axis),
         "flax-fast": flax_modes(x, dy, axis, fast=True),
         "flax-stable": flax_modes(x, dy, axis, fast=False),
     }
+    if jax_only:
+        return out
+    out["jbn-copy"] = jbn_modes(jnp.array(x, copy=True), jnp.array(dy, copy=True), axis)
     try:
         out["torch"] = torch_modes(x_nchw, dy_nchw, tdtype, channels_last=nhwc)
         _common.sync(out["torch"]["fwd+bwd"]())
@@ -178,8 +189,8 @@ def all_modes(shape_nchw: tuple[int, ...], dtype_name: str, layout: str, seed: i
 def copy_bandwidth(nbytes: int) -> dict[str, float]:
     """Copy bandwidth in bytes/s of XLA and of torch: ``y = x + 1`` over a float32 array.
 
-    XLA's is the floor's; torch's, on the CPU, shows how much of a gap in elementwise
-    work is XLA's loop against torch's (which uses every core).
+    The faster of the two is the floor's; their ratio shows how much of a gap in
+    elementwise work is XLA's loop against torch's (on a CPU, which uses every core).
     """
     x = jnp.zeros((nbytes // 4,), jnp.float32)
     f = jax.jit(lambda a: a + 1)
@@ -209,8 +220,17 @@ def measure(configs: list[tuple], repeats: int, warmup: int) -> Results:
             results[config] = {
                 m: {impl: med.get((impl, m), float("nan")) for impl in IMPLS} for m in MODES
             }
+            bar.console.print(_progress_line(config, results[config]), soft_wrap=True)
             bar.advance(task)
     return results
+
+
+def _progress_line(config: tuple, result: dict[str, dict[str, float]]) -> str:
+    """One configuration's jbn times and ratios, printed as soon as it is measured."""
+    shape, dtype_name, layout = config
+    cells = [f"{m} {t['jbn']:.3g} ms (/flax-fast {t['jbn'] / t['flax-fast']:.2f}, "
+             f"/torch {t['jbn'] / t['torch']:.2f})" for m, t in result.items()]
+    return f"{layout} {dtype_name} {'x'.join(map(str, shape))}: " + "; ".join(cells)
 
 
 def measure_in_processes(configs: list[tuple], repeats: int, warmup: int,
@@ -288,10 +308,11 @@ def run(shapes: list[tuple[int, ...]], linear: list[tuple[int, ...]], repeats: i
     cores = cores or default_cores()
     # The floor's bandwidth, from an array far larger than the caches; and that of
     # an array the size of the largest here, which on a CPU may lie in the cache.
-    copy = copy_bandwidth((256 if gpu else 64) * 2**20)
+    copy_mib = 1024 if gpu else 64
+    copy = copy_bandwidth(copy_mib * 2**20)
     largest = max(int(np.prod(s)) for s in shapes) * 4
     copy_largest = copy_bandwidth(largest)
-    bandwidth = copy["xla"]
+    bandwidth = max(copy.values())
     configs = [(s, d, lay) for s in shapes for d in DTYPES for lay in ("NCHW", "NHWC")]
     linear_configs = [(s, "float32", lay) for lay in ("NCHW", "NHWC") for s in linear]
     quick = " (quick run, tiny shapes)" if len(shapes) < 3 else ""
@@ -309,13 +330,16 @@ def run(shapes: list[tuple[int, ...]], linear: list[tuple[int, ...]], repeats: i
                      f"thread pool and torch's threads, {n} each", repeated]
         else:
             lines = [f"## Batch norm alone{quick}", "", *_common.machine_lines(),
-                     f"- copy bandwidth (y = x + 1, float32): {bandwidth / 1e9:.1f} GB/s in XLA "
-                     f"and {copy['torch'] / 1e9:.1f} GB/s in torch over "
-                     f"{(256 if gpu else 64)} MiB; {copy_largest['xla'] / 1e9:.1f} and "
+                     f"- copy bandwidth (y = x + 1, float32): {copy['xla'] / 1e9:.1f} GB/s in "
+                     f"XLA and {copy['torch'] / 1e9:.1f} GB/s in torch over "
+                     f"{copy_mib} MiB; {copy_largest['xla'] / 1e9:.1f} and "
                      f"{copy_largest['torch'] / 1e9:.1f} GB/s over {largest / 2**20:.1f} MiB, "
                      "the largest float32 input here", repeated]
+            if gpu:
+                lines.append(f"- floor: the bytes each mode must move over "
+                             f"{bandwidth / 1e9:.1f} GB/s, the faster copy")
         lines += ["", *_tables(results, shapes, configs, gpu, bandwidth)]
-        if i == 0:
+        if i == 0 and linear:
             lines += ["### Linear cost in the batch size (float32)", "",
                       _common.markdown_table(_header(gpu), _rows(
                           results, linear_configs, gpu, bandwidth, ("train", "fwd+bwd"))), ""]
@@ -331,7 +355,7 @@ def run(shapes: list[tuple[int, ...]], linear: list[tuple[int, ...]], repeats: i
 def _header(gpu: bool) -> list[str]:
     header = ["layout", "dtype", "shape (NCHW)", "mode"] + [f"{i} ms" for i in IMPLS]
     header += [f"jbn / {p}" for p in PEERS]
-    return header + (["floor ms", "jbn at floor"] if gpu else [])
+    return header + (["floor ms", "jbn / floor"] if gpu else [])
 
 
 def _rows(results: Results, configs: list[tuple], gpu: bool, bandwidth: float,
@@ -346,7 +370,7 @@ def _rows(results: Results, configs: list[tuple], gpu: bool, bandwidth: float,
             row += [t["jbn"] / t[p] for p in PEERS]
             if gpu:
                 floor = BYTES_OF_X[m] * np.prod(shape) * itemsize / bandwidth * 1e3
-                row += [floor, floor / t["jbn"]]
+                row += [floor, t["jbn"] / floor]
             yield row
 
 
@@ -394,16 +418,19 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.measure_to, "w") as f:
             json.dump([[list(c), r] for c, r in results.items()], f)
         return
+    gpu = _common.on_gpu()
     if args.quick:
         shapes = [(2, 8, 8, 8), (2, 16, 4, 4)]
         linear = [(n, 8, 8, 8) for n in (2, 4, 8)]
         repeats, warmup = args.repeats or 3, 1
     else:
-        n = args.batch or (256 if _common.on_gpu() else 2)
+        n = args.batch or (256 if gpu else 2)
         shapes = [(n,) + chw for chw in RESNET50_SHAPES]
-        linear = [(b,) + RESNET50_SHAPES[1] for b in (n // 2 or 1, n, 2 * n)]
+        # On a GPU the shapes already span 50 MB to 1.6 GB.
+        linear = [] if gpu else [(b,) + RESNET50_SHAPES[1] for b in (n // 2 or 1, n, 2 * n)]
         repeats, warmup = args.repeats or 21, 3
-    processes = args.processes or (1 if args.quick else 3)
+    # A GPU's timings do not move with where a process's buffers lie, as a CPU's can.
+    processes = args.processes or (1 if args.quick or gpu else 3)
     run(shapes, linear, repeats, warmup, args.out, processes, args.cores)
 
 

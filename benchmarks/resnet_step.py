@@ -40,13 +40,17 @@ import _common  # noqa: E402
 import jbn  # noqa: E402
 
 NUM_CLASSES = 10
+WRITTEN = "batch-sized arrays written"
 
 
 # ----------------------------------------------------------------------------- Flax
 
 
 class Norm(nn.Module):
-    """A batch norm over the last (channel) axis: jbn's or flax.linen's, PyTorch's eps/momentum."""
+    """A batch norm over the last (channel) axis: jbn's or flax.linen's, PyTorch's eps/momentum.
+
+    Both take their statistics in float32 and return the input's dtype.
+    """
 
     kind: str  # "jbn" or "flax"
 
@@ -55,7 +59,7 @@ class Norm(nn.Module):
         if self.kind == "jbn":
             return jbn.BatchNorm2d(x.shape[-1], axis=-1)(x, train)
         return nn.BatchNorm(use_running_average=not train, axis=-1, momentum=0.9,
-                            epsilon=1e-5)(x)
+                            epsilon=1e-5, dtype=x.dtype)(x)
 
 
 class Block(nn.Module):
@@ -65,10 +69,11 @@ class Block(nn.Module):
     stride: int
     norm: str
     bottleneck: bool
+    dtype: Any = jnp.float32  # of the convolutions' arithmetic and outputs
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = functools.partial(nn.Conv, use_bias=False)
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
         out_features = self.features * (4 if self.bottleneck else 1)
         if self.bottleneck:
             y = nn.relu(Norm(self.norm)(conv(self.features, (1, 1))(x), train))
@@ -83,27 +88,31 @@ class Block(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet-18 (``(2, 2, 2, 2)``, BasicBlock) or ResNet-50 (``(3, 4, 6, 3)``, Bottleneck)."""
+    """ResNet-18 (``(2, 2, 2, 2)``, BasicBlock) or ResNet-50 (``(3, 4, 6, 3)``, Bottleneck).
+
+    ``dtype``: the compute dtype of every layer (float32 parameters, as with torch's
+    autocast); the logits are float32.
+    """
 
     stages: Sequence[int]
     bottleneck: bool
     norm: str
     width: int = 64
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(self.width, (7, 7), 2, padding=3, use_bias=False)(x)
+        x = nn.Conv(self.width, (7, 7), 2, padding=3, use_bias=False, dtype=self.dtype)(x)
         x = nn.relu(Norm(self.norm)(x, train))
         x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         for i, blocks in enumerate(self.stages):
             for j in range(blocks):
                 x = Block(self.width * 2**i, 2 if (i > 0 and j == 0) else 1, self.norm,
-                          self.bottleneck)(x, train)
-        return nn.Dense(NUM_CLASSES)(jnp.mean(x, axis=(1, 2)))
+                          self.bottleneck, self.dtype)(x, train)
+        return nn.Dense(NUM_CLASSES)(jnp.mean(x, axis=(1, 2), dtype=jnp.float32))
 
 
-def flax_step(model: ResNet, images: jax.Array, labels: jax.Array, dtype: Any
-              ) -> tuple[Callable, Any]:
+def flax_step(model: ResNet, images: jax.Array, labels: jax.Array) -> tuple[Callable, Any]:
     """A jitted training step ``(variables, opt_state) -> (variables, opt_state, loss)``."""
     variables = model.init(jax.random.key(0), images[:2], train=False)
     tx = optax.sgd(0.1, momentum=0.9)
@@ -111,7 +120,8 @@ def flax_step(model: ResNet, images: jax.Array, labels: jax.Array, dtype: Any
 
     def loss_fn(params, batch_stats):
         logits, updates = model.apply({"params": params, "batch_stats": batch_stats},
-                                      images.astype(dtype), train=True, mutable=["batch_stats"])
+                                      images.astype(model.dtype), train=True,
+                                      mutable=["batch_stats"])
         loss = optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), labels).mean()
         return loss, updates["batch_stats"]
@@ -217,9 +227,13 @@ def fusion_report(step: Callable, args: Any, min_elements: int) -> dict[str, int
     activations on the CPU. A ReLU is a ``maximum`` on a batch-sized array; it is
     "fused with the normalization" when the computation that holds it also multiplies a
     batch-sized array (the scale of the normalization; the ReLU's own gradient mask in
-    the backward pass is a ``select``, not counted). Also counts the entry computation's
-    top-level instructions that write a batch-sized array (materialized arrays; the
-    larger convolution kernels' updates count alike for every network).
+    the backward pass is a ``select``, not counted). Also counts the kernels that write
+    a batch-sized array (materialized arrays; the larger convolution kernels' updates
+    count alike for every network): the batch-sized fusions and elementwise
+    instructions of every computation that is not itself fused (the entry computation,
+    and on a GPU the command buffers it calls).
+
+    Returns the counts, and the compiled HLO text.
     """
     text = step.lower(*args).compile().as_text()
     comps = re.split(r"\n(?=\S)", text)
@@ -230,11 +244,11 @@ def fusion_report(step: Callable, args: Any, min_elements: int) -> dict[str, int
         relu_total += relus
         if relus and "multiply" in ops:
             relu_fused += relus
-    entry = next((c for c in comps if c.startswith("ENTRY")), "")
+    unfused = [c for c in comps if not c.lstrip("%").startswith(("fused", "region"))]
     written = sum(op in ("fusion", "add", "multiply", "subtract")
-                  for op in _big_ops(entry, min_elements))
+                  for c in unfused for op in _big_ops(c, min_elements))
     return {"relu": relu_total, "relu fused with normalize": relu_fused,
-            "batch-sized arrays written by the entry computation": written}
+            WRITTEN: written}, text
 
 
 # ----------------------------------------------------------------------------- main
@@ -245,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny network and images")
     parser.add_argument("--out", default=None, help="append the markdown tables to this file")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--hlo-dir", default=None, help="write each compiled step here")
     args = parser.parse_args(argv)
     gpu = _common.on_gpu()
     if args.quick:
@@ -265,9 +280,13 @@ def main(argv: list[str] | None = None) -> None:
     with _common.progress() as bar:
         task = bar.add_task(f"{name} step: compile", total=3)
         for kind in ("jbn", "flax"):
-            model = ResNet(stages, bottleneck, kind)
-            step, state = flax_step(model, jnp.asarray(images), jnp.asarray(labels), dtype)
-            fusion[kind] = fusion_report(step, state, smallest)
+            model = ResNet(stages, bottleneck, kind, dtype=dtype)
+            step, state = flax_step(model, jnp.asarray(images), jnp.asarray(labels))
+            fusion[kind], hlo = fusion_report(step, state, smallest)
+            if args.hlo_dir:
+                os.makedirs(args.hlo_dir, exist_ok=True)
+                with open(os.path.join(args.hlo_dir, f"step-{kind}.hlo"), "w") as f:
+                    f.write(hlo)
             # Each step starts from the same variables: the time is that of one update.
             steps[f"flax + {'jbn.BatchNorm2d' if kind == 'jbn' else 'flax.linen.BatchNorm'}"] = (
                 functools.partial(step, *state))
@@ -279,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
 
     jbn_ms = med["flax + jbn.BatchNorm2d"]
     rows = [[impl, ms, jbn_ms / ms] for impl, ms in med.items()]
-    precision = "bfloat16 compute, torch with autocast, channels_last" if gpu else "float32"
+    precision = ("bfloat16 compute (float32 parameters and batch statistics), torch with "
+                 "autocast, channels_last") if gpu else "float32"
     text = "\n".join([
         f"## One training step of {name}",
         "",

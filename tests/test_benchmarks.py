@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,11 +44,59 @@ def test_jbn_normalization_fuses_with_relu_as_often_as_flax_and_writes_no_more_a
     report = {}
     for kind in ("jbn", "flax"):
         model = resnet_step.ResNet(stages, False, kind)
-        step, state = resnet_step.flax_step(model, images, labels, jnp.float32)
-        report[kind] = resnet_step.fusion_report(step, state, smallest)
+        step, state = resnet_step.flax_step(model, images, labels)
+        report[kind], _ = resnet_step.fusion_report(step, state, smallest)
     jbn, flax = report["jbn"], report["flax"]
     assert jbn["relu"] == flax["relu"] > 0
     assert jbn["relu fused with normalize"] >= flax["relu fused with normalize"]
     assert jbn["relu fused with normalize"] >= jbn["relu"] - 1  # all but the stem's pooled one
-    written = "batch-sized arrays written by the entry computation"
-    assert jbn[written] <= flax[written]
+    assert jbn[resnet_step.WRITTEN] <= flax[resnet_step.WRITTEN]
+
+
+def test_kernels_counts_fusions_by_kind_and_other_kernels_outside_fused_computations():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kernels
+
+    hlo = "\n".join([
+        "%fused_reduce (p: f32[4,8]) -> f32[8] {",
+        "  %r = f32[8]{0} reduce(%p, %c), dimensions={0}, to_apply=%region_0",
+        "}",
+        "ENTRY %main (x: f32[4,8]) -> (f32[8], f32[4,8]) {",
+        "  %a = f32[8]{0} fusion(%x), kind=kInput, calls=%fused_reduce",
+        "  %b = f32[4,8]{1,0} fusion(%x, %a), kind=kLoop, calls=%fused_add",
+        "  %c = f32[4,8]{1,0} fusion(%b), kind=kLoop, calls=%fused_exp",
+        "  %d = s32[] copy(%e)",
+        "  %f = f32[8]{0} custom-call(%x), custom_call_target=\"k\"",
+        "}",
+    ])
+    assert kernels.kernels(hlo) == {"fusion kInput": 1, "fusion kLoop": 2, "copy": 1,
+                                    "custom-call": 1}
+
+
+def test_kernels_report_lists_every_implementation_mode_layout_and_dtype(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kernels
+
+    text = kernels.report((2, 8, 4, 4), str(tmp_path))
+    rows = [line for line in text.splitlines() if line.startswith("| N")]
+    assert len(rows) == 3 * 4 * 2 * 2  # implementations, modes, layouts, dtypes
+    assert all(int(row.split("|")[5]) >= 1 for row in rows)
+    assert len(list(tmp_path.glob("*.hlo"))) == len(rows)
+
+
+def test_a_short_call_is_timed_over_many_calls_per_sample():
+    # On a GPU a sample is several calls, so that the device's time is measured rather
+    # than one launch's latency; the median is still per call.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _common
+
+    calls = {"n": 0}
+
+    def fn():
+        calls["n"] += 1
+        time.sleep(0.001)
+
+    ms = _common.interleaved_medians({"f": fn}, repeats=3, warmup=1, min_sample_ms=50.0)
+    per_sample = (calls["n"] - 2) / 3 - 1  # minus warm-up and probe; minus the untimed call
+    assert per_sample >= 5
+    assert 1.0 <= ms["f"] < 25.0  # per call: a whole sample lasts 50 ms or more

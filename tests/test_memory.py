@@ -67,3 +67,22 @@ def test_training_residuals_through_the_linen_module_stay_near_the_input():
                             train=True, mutable=["batch_stats"])[0]
 
     assert residual_bytes(f, variables["params"], x) <= 1.05 * x.nbytes
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rematerialization_puts_no_barrier_on_batch_sized_arrays(dtype, layout):
+    # An optimization barrier holding the incoming gradient (here, dy after a ReLU's
+    # mask) would make XLA write it as an array of its own and read it back, instead
+    # of computing it inside the backward pass's reductions.
+    x, axis = make_input(layout, dtype)
+    params, state = jbn.init(x.shape[axis])
+
+    def loss(params, x):
+        y = jbn.batch_norm(params, state, x, True, axis=axis)[0]
+        return jnp.sum(jax.nn.relu(y).astype(jnp.float32))
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).as_text()
+    batch = "tensor<" + "x".join(map(str, x.shape))
+    barriers = [line for line in text.splitlines() if "optimization_barrier" in line]
+    assert not [line for line in barriers if batch in line]
