@@ -132,6 +132,14 @@ def geomean(values: Iterable[float]) -> float:
     return float(np.exp(np.mean(np.log(vals)))) if vals else float("nan")
 
 
+def print_and_append(text: str, path: str | None) -> None:
+    """Prints a script's markdown, and appends it to the file at ``path`` where one is given."""
+    print(text)
+    if path:
+        with open(path, "a") as f:
+            f.write("\n" + text)
+
+
 def progress():
     """A rich progress bar with elapsed time, shared by the scripts."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -83,10 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.hlo_dir:
         os.makedirs(args.hlo_dir, exist_ok=True)
     text = report(shape, args.hlo_dir)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+    _common.print_and_append(text, args.out)
 
 
 if __name__ == "__main__":

@@ -315,10 +315,7 @@ def main(argv: list[str] | None = None) -> None:
                                [[k] + list(v.values()) for k, v in fusion.items()]),
         "",
     ])
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+    _common.print_and_append(text, args.out)
 
 
 if __name__ == "__main__":
