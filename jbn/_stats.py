@@ -65,17 +65,20 @@ def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
         # A small corner block of SHIFT_VALUES values per channel (fewer in a small
         # batch): the trailing reduced axes first, so it is nearly contiguous in
         # memory, and a cheap read whatever the batch size. Its size is a power of
-        # two, so that the mean ``sum * (1 / size)`` is exact: XLA may recompute the
-        # shift inside a later fusion, and with a multiply-add there a rounded
-        # product would make it differ from the shift the sums were taken around,
-        # moving every output of the channel (by 4e-4 at a mean of 1e4).
+        # two, so that scaling by ``1 / size`` is exact: XLA may recompute the shift
+        # inside a later fusion, and with a multiply-add there a rounded product
+        # would make it differ from the shift the sums were taken around, moving
+        # every output of the channel (by 4e-4 at a mean of 1e4).
         index = [slice(None)] * x.ndim
         taken = 1
         for i in reversed(reduced):
             k = _power_of_two_at_most(min(x.shape[i], -(-SHIFT_VALUES // taken)))
             index[i] = slice(0, k)
             taken *= k
-        return jax.lax.stop_gradient(jnp.mean(x[tuple(index)], axis=tuple(reduced)))
+        # Each value is scaled before the sum, so that the sum is the mean and the
+        # shift one reduction kernel, not a reduction and then a kernel to divide.
+        block = x[tuple(index)] * jnp.asarray(1 / taken, x.dtype)
+        return jax.lax.stop_gradient(jnp.sum(block, axis=tuple(reduced)))
     # With a mask, the value at the first valid position (position 0 if there is none).
     first = jnp.argmax(mask.reshape(-1))
     index = jnp.unravel_index(first, mask.shape)
