@@ -80,8 +80,8 @@ def jax_modes(apply_train: Callable, apply_eval: Callable, params: Any, x: jax.A
       params: the differentiable parameters (weight and bias).
       x, dy: input and output cotangent, of the same shape and dtype.
 
-    Each call is a ``functools.partial`` of a jitted function and its arguments, whose
-    compiled program ``call.func.lower(*call.args).compile()`` gives.
+    Each call is a ``functools.partial`` of a jitted function and its arguments, so that
+    its compiled program is ``call.func.lower(*call.args).compile()``.
     """
     train = jax.jit(apply_train)
     evaluate = jax.jit(apply_eval)
