@@ -100,3 +100,39 @@ def test_a_short_call_is_timed_over_many_calls_per_sample():
     per_sample = (calls["n"] - 2) / 3 - 1  # minus warm-up and probe; minus the untimed call
     assert per_sample >= 5
     assert 1.0 <= ms["f"] < 25.0  # per call: a whole sample lasts 50 ms or more
+
+
+def test_resnet_step_network_convolves_in_its_compute_dtype():
+    # Flax's convolutions promote bfloat16 input to their float32 kernels unless told the
+    # dtype: a "bfloat16" step would then compute in float32.
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import resnet_step
+
+    for kind in ("jbn", "flax"):
+        model = resnet_step.ResNet((1, 1), True, kind, width=8, dtype=jnp.bfloat16)
+        x = jnp.zeros((2, 32, 32, 3), jnp.bfloat16)
+        variables = model.init(jax.random.key(0), x, train=False)
+        jaxpr = jax.make_jaxpr(lambda v, x: model.apply(
+            v, x, train=True, mutable=["batch_stats"]))(variables, x)
+        convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+        assert convs
+        assert all(v.aval.dtype == jnp.bfloat16 for e in convs for v in e.invars), kind
+
+
+def test_gpu_rows_give_the_floor_and_jbn_time_over_it():
+    # The floor is the bytes a mode must move over the bandwidth: training forward moves
+    # three times x's bytes.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench
+
+    config = ((2, 4, 8, 8), "float32", "NCHW")
+    times = {m: {impl: 1.0 for impl in bench.IMPLS} for m in bench.MODES}
+    times["train"]["jbn"] = 0.5
+    bandwidth = 1e9  # bytes per second
+    row = next(bench._rows({config: times}, [config], True, bandwidth, ("train",)))
+    floor_ms = 3 * 2 * 4 * 8 * 8 * 4 / bandwidth * 1e3
+    assert row[-2] == floor_ms and row[-1] == 0.5 / floor_ms
+    assert bench._header(True)[-2:] == ["floor ms", "jbn / floor"]

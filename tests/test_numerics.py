@@ -104,3 +104,21 @@ def test_output_dtype_argument_overrides_the_input_dtype():
     x = jnp.ones((4, 3), jnp.bfloat16) * jnp.arange(4, dtype=jnp.bfloat16)[:, None]
     y, _ = jbn.batch_norm({}, {}, x, True, dtype=jnp.float32)
     assert y.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("shape, axis, block", [
+    ((8, 4, 16, 16), 1, (slice(0, 1), slice(None), slice(0, 4), slice(0, 16))),
+    ((8, 16, 16, 4), 3, (slice(0, 1), slice(0, 4), slice(0, 16), slice(None))),
+    ((3, 4, 5, 6), 1, (slice(0, 2), slice(None), slice(0, 4), slice(0, 4))),
+    ((100, 4), 1, (slice(0, 64), slice(None))),
+])
+def test_shift_is_the_mean_of_a_power_of_two_corner_block(shape, axis, block):
+    # Integer values sum exactly in float32, so the shift must equal the float64 mean of
+    # the block (the trailing reduced axes first, up to 64 values, a power of two of them).
+    from jbn._stats import _shift
+
+    x = np.random.default_rng(0).integers(-1000, 1000, shape).astype(np.float32) + 1e4
+    shift = np.asarray(jax.jit(lambda x: _shift(x, axis, None))(jnp.asarray(x)))
+    reduced = tuple(i for i in range(len(shape)) if i != axis)
+    expected = x[block].astype(np.float64).mean(reduced)
+    np.testing.assert_array_equal(shift, expected.astype(np.float32))
