@@ -124,6 +124,9 @@ def _kernel_moments(view: RowView, rows: jax.Array, source: jax.Array
 def _kernel_moments_jvp(view, primals, tangents):
     rows, source = primals
     shift, s1, s2 = _kernel_moments(view, rows, source)
+    # Named here too: the tangent reads the shift, and a rematerialized backward pass
+    # would otherwise call the kernel again (a pass over x) to recompute it.
+    shift = checkpoint_name(shift, STATS_NAME)
     t = tangents[0]
     d = _centred(view, rows, shift, None)
     return (shift, s1, s2), (jnp.zeros_like(shift), view.channel_sum(t),

@@ -321,6 +321,22 @@ def test_kernels_read_their_inputs_in_place(kernel, shape, axis, dtype):
     assert len(_batch_sized_writes(both, x.size)) == 1, both
 
 
+@pytest.mark.parametrize("shape, axis", [((2, 8, 6, 6), 1), ((2, 6, 6, 8), -1)], ids=str)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_backward_pass_alone_takes_the_statistics_from_its_residuals(kernel, shape, axis,
+                                                                     dtype):
+    # A vjp function applied in a program of its own (its forward pass already run)
+    # reads x and dy once for its sums: the shift the forward pass's kernel returned
+    # is a residual, not recomputed by running that kernel over x again.
+    x = jnp.ones(shape, dtype)
+    params, state = jbn.init(shape[axis])
+    vjp = jax.jit(lambda p, x: jax.vjp(
+        lambda p, x: jbn.batch_norm(p, state, x, True, axis=axis)[0], p, x)[1])(params, x)
+    backward = jax.jit(lambda f, dy: f(dy)).lower(vjp, x).compile().as_text()
+    entry = backward[backward.index("ENTRY"):]
+    assert re.findall(r'custom_call_target="(\w+)"', entry) == ["jbn_dot_sums"], entry
+
+
 def test_masked_and_float16_input_take_the_xla_path(kernel):
     x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 3, 6)), jnp.float32)
     params, state = jbn.init(3)
