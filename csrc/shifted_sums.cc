@@ -126,15 +126,30 @@ struct Products {
   }
 };
 
+// The sum of a vector's lanes, as a tree of float32 additions.
+__attribute__((always_inline)) inline float LaneSum(Vec v) {
+  typedef float Half __attribute__((vector_size(kLanes / 2 * sizeof(float))));
+  typedef float Quarter __attribute__((vector_size(kLanes / 4 * sizeof(float))));
+  const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  const Quarter q = __builtin_shufflevector(h, h, 0, 1) + __builtin_shufflevector(h, h, 2, 3);
+  return q[0] + q[1];
+}
+
 // Q > 1: rows [r0, r1) of the (B * P * C, Q) matrix, row r against
-// shift[(r / (P * C)) * C + r % C]; its sums go to o1[r], o2[r].
+// shift[(r / (P * C)) * C + r % C]; its sums go to o1[r], o2[r]. A block's lanes and
+// its last values are added in float32 and the block's sum then in float64, so that a
+// short row (Q = 49 at 7x7) costs a few vector additions beyond its loads.
 template <typename Op>
 JBN_CLONES void RowSums(const Op op, const float* shift, int64_t pc, int64_t c, int64_t m,
                         int64_t r0, int64_t r1, double* o1, double* o2) {
   constexpr int64_t kBlock = 256;  // at most 32 values per lane per float32 block
+  // The row's shift index, kept as the rows advance (no division per row).
+  int64_t mat = r0 / pc, in_mat = r0 % pc, k = r0 % c;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t row = r * m;
-    const float s = shift[(r / pc) * c + r % c];
+    const float s = shift[mat * c + k];
+    if (++k == c) k = 0;
+    if (++in_mat == pc) in_mat = 0, ++mat;
     const Vec sv = {s, s, s, s, s, s, s, s};
     double t1 = 0, t2 = 0;
     for (int64_t i = 0; i < m; i += kBlock) {
@@ -149,16 +164,10 @@ JBN_CLONES void RowSums(const Op op, const float* shift, int64_t pc, int64_t c, 
         op.Add(row + j, sv, a1, a2);
         j += kLanes;
       }
-      a1 += b1;
-      a2 += b2;
       float f1 = 0, f2 = 0;  // fewer than kLanes values left
       for (; j < end; ++j) op.Add(row + j, s, f1, f2);
-      t1 += f1;
-      t2 += f2;
-      for (int64_t l = 0; l < kLanes; ++l) {
-        t1 += a1[l];
-        t2 += a2[l];
-      }
+      t1 += double(LaneSum(a1 + b1) + f1);
+      t2 += double(LaneSum(a2 + b2) + f2);
     }
     o1[r] = t1;
     o2[r] = t2;
@@ -260,6 +269,10 @@ JBN_CLONES void Shifts(const T* x, int64_t b, int64_t p, int64_t c, int64_t q, f
     std::fill(acc.begin(), acc.end(), 0.0);
     for (int64_t j = 0; j < p0; ++j) {
       const T* block = x + (i * p + j) * c * q;
+      if (q == 1) {  // a row of channels: one vector loop
+        for (int64_t k = 0; k < c; ++k) acc[k] += ToFloat(block[k]);
+        continue;
+      }
       for (int64_t k = 0; k < c; ++k) {
         for (int64_t l = 0; l < q0; ++l) acc[k] += ToFloat(block[k * q + l]);
       }
