@@ -70,30 +70,36 @@ RESNET50_SHAPES = ((64, 112, 112), (256, 56, 56), (512, 28, 28), (1024, 14, 14),
 Modes = dict[str, Callable[[], Any]]
 
 
-def jax_modes(apply_train: Callable, apply_eval: Callable, params: Any, x: jax.Array,
-              dy: jax.Array) -> Modes:
+def jax_modes(apply_train: Callable, apply_eval: Callable, params: Any, stats: Any,
+              x: jax.Array, dy: jax.Array) -> Modes:
     """The four timed calls of a JAX implementation.
 
     Args:
-      apply_train: ``(params, x) -> (y, new_state)``, a training forward.
-      apply_eval: ``(params, x) -> y``, an evaluation forward.
+      apply_train: ``(params, stats, x) -> (y, new_stats)``, a training forward.
+      apply_eval: ``(params, stats, x) -> y``, an evaluation forward.
       params: the differentiable parameters (weight and bias).
+      stats: the running statistics, an argument of every program as in a training
+        step (closed over, they would be constants that XLA folds: a counter's update
+        would compile to a copy of a constant, a kernel of its own on a GPU).
       x, dy: input and output cotangent, of the same shape and dtype.
 
     Each call is a ``functools.partial`` of a jitted function and its arguments, so that
     its compiled program is ``call.func.lower(*call.args).compile()``.
     """
+
+    def vjp(p, s, x):
+        return jax.vjp(lambda p, x: apply_train(p, s, x)[0], p, x)[1]
+
     train = jax.jit(apply_train)
     evaluate = jax.jit(apply_eval)
-    vjp = jax.jit(lambda p, x: jax.vjp(lambda p, x: apply_train(p, x)[0], p, x)[1])
-    vjp_fn = vjp(params, x)
+    vjp_fn = jax.jit(vjp)(params, stats, x)
     backward = jax.jit(lambda f, dy: f(dy))
-    fwd_bwd = jax.jit(lambda p, x, dy: jax.vjp(lambda p, x: apply_train(p, x)[0], p, x)[1](dy))
+    fwd_bwd = jax.jit(lambda p, s, x, dy: vjp(p, s, x)(dy))
     return {
-        "train": functools.partial(train, params, x),
-        "eval": functools.partial(evaluate, params, x),
+        "train": functools.partial(train, params, stats, x),
+        "eval": functools.partial(evaluate, params, stats, x),
         "bwd": functools.partial(backward, vjp_fn, dy),
-        "fwd+bwd": functools.partial(fwd_bwd, params, x, dy),
+        "fwd+bwd": functools.partial(fwd_bwd, params, stats, x, dy),
     }
 
 
@@ -101,9 +107,9 @@ def jbn_modes(x: jax.Array, dy: jax.Array, axis: int) -> Modes:
     """jbn.batch_norm with PyTorch's defaults."""
     params, state = jbn.init(x.shape[axis])
     return jax_modes(
-        lambda p, x: jbn.batch_norm(p, state, x, True, axis=axis),
-        lambda p, x: jbn.batch_norm(p, state, x, False, axis=axis)[0],
-        params, x, dy,
+        lambda p, s, x: jbn.batch_norm(p, s, x, True, axis=axis),
+        lambda p, s, x: jbn.batch_norm(p, s, x, False, axis=axis)[0],
+        params, state, x, dy,
     )
 
 
@@ -112,13 +118,12 @@ def flax_modes(x: jax.Array, dy: jax.Array, axis: int, fast: bool) -> Modes:
     module = nn.BatchNorm(axis=axis, momentum=0.9, epsilon=1e-5, use_fast_variance=fast,
                           dtype=x.dtype)
     variables = module.init(jax.random.key(0), x, use_running_average=True)
-    stats = variables["batch_stats"]
     return jax_modes(
-        lambda p, x: module.apply({"params": p, "batch_stats": stats}, x,
-                                  use_running_average=False, mutable=["batch_stats"]),
-        lambda p, x: module.apply({"params": p, "batch_stats": stats}, x,
-                                  use_running_average=True),
-        variables["params"], x, dy,
+        lambda p, s, x: module.apply({"params": p, "batch_stats": s}, x,
+                                     use_running_average=False, mutable=["batch_stats"]),
+        lambda p, s, x: module.apply({"params": p, "batch_stats": s}, x,
+                                     use_running_average=True),
+        variables["params"], variables["batch_stats"], x, dy,
     )
 
 
