@@ -136,3 +136,25 @@ def test_gpu_rows_give_the_floor_and_jbn_time_over_it():
     floor_ms = 3 * 2 * 4 * 8 * 8 * 4 / bandwidth * 1e3
     assert row[-2] == floor_ms and row[-1] == 0.5 / floor_ms
     assert bench._header(True)[-2:] == ["floor ms", "jbn / floor"]
+
+
+def test_timed_programs_take_the_running_statistics_as_arguments():
+    # As in a training step: closed over, the statistics would be constants that XLA
+    # folds, and jbn's new num_batches_tracked would compile to a copy of a constant.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import re
+
+    import bench
+    import jax.numpy as jnp
+
+    x = jnp.ones((2, 4, 3, 3), jnp.float32)
+    for impl, modes, n_stats in [("jbn", bench.jbn_modes(x, x, 1), 3),
+                                 ("flax", bench.flax_modes(x, x, 1, fast=True), 2)]:
+        # Training reads and updates every statistic; evaluation reads the mean and the
+        # variance (jit drops the unused counter).
+        for mode, inputs in (("train", 2 + n_stats + 1), ("eval", 2 + 2 + 1)):
+            call = modes[mode]
+            hlo = call.func.lower(*call.args).compile().as_text()
+            entry = hlo[hlo.index("ENTRY"):].split("\n}")[0]
+            assert len(re.findall(r" parameter\(\d+\)", entry)) == inputs, (impl, mode, entry)
+            assert not re.search(r"copy\(%constant", entry), (impl, mode, entry)
