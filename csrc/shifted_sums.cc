@@ -124,12 +124,19 @@ struct Products {
   }
 };
 
-// The sum of a vector's lanes, as a tree of float32 additions.
+// The sum of a vector's lanes, as a tree of float32 additions: lane l with lane l + 4,
+// then with l + 2, then the two left. (Clang's shuffle builtin, else GCC's, which
+// GCC before 12 has alone.)
 __attribute__((always_inline)) inline float LaneSum(Vec v) {
-  typedef float Half __attribute__((vector_size(kLanes / 2 * sizeof(float))));
-  typedef float Quarter __attribute__((vector_size(kLanes / 4 * sizeof(float))));
-  const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
-  const Quarter q = __builtin_shufflevector(h, h, 0, 1) + __builtin_shufflevector(h, h, 2, 3);
+  static_assert(kLanes == 8, "LaneSum adds eight lanes");
+#if defined(__clang__)
+  const Vec h = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  const Vec q = h + __builtin_shufflevector(h, h, 2, 3, 0, 1, 6, 7, 4, 5);
+#else
+  typedef int32_t Lanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  const Vec h = v + __builtin_shuffle(v, Lanes{4, 5, 6, 7, 0, 1, 2, 3});
+  const Vec q = h + __builtin_shuffle(h, Lanes{2, 3, 0, 1, 6, 7, 4, 5});
+#endif
   return q[0] + q[1];
 }
 
