@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import random
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -130,6 +131,17 @@ def geomean(values: Iterable[float]) -> float:
     """Geometric mean of the finite values (nan if none)."""
     vals = [v for v in values if np.isfinite(v) and v > 0]
     return float(np.exp(np.mean(np.log(vals)))) if vals else float("nan")
+
+
+def hlo_computations(hlo: str) -> list[tuple[str, bool]]:
+    """The computations of a compiled HLO module's text, each with whether it is fused.
+
+    A fused computation (a fusion's body, a reduction's region) runs inside the kernel
+    that calls it; the others (the entry computation, on a GPU its command buffers)
+    launch kernels of their own.
+    """
+    return [(comp, comp.lstrip("%").startswith(("fused", "region", "horizontally_fused")))
+            for comp in re.split(r"\n(?=\S)", hlo)]
 
 
 def print_and_append(text: str, path: str | None) -> None:

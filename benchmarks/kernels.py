@@ -39,8 +39,7 @@ def kernels(hlo: str) -> collections.Counter:
     command buffer); other kernels only outside fused computations.
     """
     counts: collections.Counter = collections.Counter()
-    for comp in re.split(r"\n(?=\S)", hlo):
-        fused = comp.lstrip("%").startswith(("fused", "region", "horizontally_fused"))
+    for comp, fused in _common.hlo_computations(hlo):
         for line in comp.splitlines():
             if m := _FUSION.search(line):
                 counts[f"fusion {m.group(1)}"] += 1

@@ -236,15 +236,15 @@ def fusion_report(step: Callable, args: Any, min_elements: int) -> dict[str, int
     Returns the counts, and the compiled HLO text.
     """
     text = step.lower(*args).compile().as_text()
-    comps = re.split(r"\n(?=\S)", text)
+    comps = _common.hlo_computations(text)
     relu_total = relu_fused = 0
-    for comp in comps:
+    for comp, _ in comps:
         ops = _big_ops(comp, min_elements)
         relus = ops.count("maximum")
         relu_total += relus
         if relus and "multiply" in ops:
             relu_fused += relus
-    unfused = [c for c in comps if not c.lstrip("%").startswith(("fused", "region"))]
+    unfused = [c for c, fused in comps if not fused]
     written = sum(op in ("fusion", "add", "multiply", "subtract")
                   for c in unfused for op in _big_ops(c, min_elements))
     return {"relu": relu_total, "relu fused with normalize": relu_fused,

@@ -1,12 +1,15 @@
 """The benchmark suite runs end to end and writes its tables (tiny shapes, no timing checks)."""
 
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The scripts import each other as modules of benchmarks/, as they do when run.
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def test_bench_quick_mode_writes_a_table_with_every_implementation_and_mode(tmp_path):
@@ -33,7 +36,6 @@ def test_jbn_normalization_fuses_with_relu_as_often_as_flax_and_writes_no_more_a
     import jax.numpy as jnp
     import numpy as np
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import resnet_step
 
     stages, batch, size = (1, 1), 4, 32
@@ -54,7 +56,6 @@ def test_jbn_normalization_fuses_with_relu_as_often_as_flax_and_writes_no_more_a
 
 
 def test_kernels_counts_fusions_by_kind_and_other_kernels_outside_fused_computations():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import kernels
 
     hlo = "\n".join([
@@ -74,7 +75,6 @@ def test_kernels_counts_fusions_by_kind_and_other_kernels_outside_fused_computat
 
 
 def test_kernels_report_lists_every_implementation_mode_layout_and_dtype(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import kernels
 
     text = kernels.report((2, 8, 4, 4), str(tmp_path))
@@ -87,7 +87,6 @@ def test_kernels_report_lists_every_implementation_mode_layout_and_dtype(tmp_pat
 def test_a_short_call_is_timed_over_many_calls_per_sample():
     # On a GPU a sample is several calls, so that the device's time is measured rather
     # than one launch's latency; the median is still per call.
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import _common
 
     calls = {"n": 0}
@@ -108,7 +107,6 @@ def test_resnet_step_network_convolves_in_its_compute_dtype():
     import jax
     import jax.numpy as jnp
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import resnet_step
 
     for kind in ("jbn", "flax"):
@@ -125,7 +123,6 @@ def test_resnet_step_network_convolves_in_its_compute_dtype():
 def test_gpu_rows_give_the_floor_and_jbn_time_over_it():
     # The floor is the bytes a mode must move over the bandwidth: training forward moves
     # three times x's bytes.
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench
 
     config = ((2, 4, 8, 8), "float32", "NCHW")
@@ -141,9 +138,6 @@ def test_gpu_rows_give_the_floor_and_jbn_time_over_it():
 def test_timed_programs_take_the_running_statistics_as_arguments():
     # As in a training step: closed over, the statistics would be constants that XLA
     # folds, and jbn's new num_batches_tracked would compile to a copy of a constant.
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import re
-
     import bench
     import jax.numpy as jnp
 
