@@ -11,20 +11,31 @@ bfloat16 input, adding in float64 across blocks:
 XLA's CPU reductions take one pass per sum, at half speed once the subtraction is
 fused in. Where the kernels were not built, :func:`available` is False and jbn
 computes the same sums with XLA.
+
+Each kernel is a primitive of jbn's own, which becomes the kernel's call only in a
+program compiled for the CPU alone. In a program lowered for another platform (a
+GPU or TPU program lowered on a CPU host) or for :mod:`jax.export` (whose programs
+must run where jbn is not installed), the primitive becomes the same sums as XLA
+operations, so such programs hold no call that only this installation knows.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
 
 _SHIFTED_SUMS = "jbn_shifted_sums"
 _DOT_SUMS = "jbn_dot_sums"
 # Input dtypes the kernel reads.
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+# Values per channel whose mean is the kernel's shift (the csrc's kShiftValues).
+_SHIFT_VALUES = 8
 
 
 @functools.cache
@@ -58,15 +69,10 @@ def shifted_sums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
       lead ``x`` and every output.
     """
     _check_available()
-    # The outputs' type: (C,) float32, and under shard_map varying over x's mesh axes
-    # (the probe is traced for its type only, and is dead code to XLA unless x is
-    # empty, when it is the answer).
-    zeros = jnp.sum(x, axis=(0, 2), dtype=jnp.float32)
     if x.size == 0:
+        zeros = jnp.sum(x, axis=(0, 2), dtype=jnp.float32)
         return zeros, zeros, zeros
-    out = jax.typeof(zeros)
-    call = jax.ffi.ffi_call(_SHIFTED_SUMS, (out, out, out), vmap_method="broadcast_all")
-    return call(_flat(x), q=np.int64(x.shape[2]))
+    return tuple(_bind(_SHIFTED_SUMS, _flat(x), q=x.shape[2]))
 
 
 def dot_sums(g: jax.Array, x: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -81,15 +87,96 @@ def dot_sums(g: jax.Array, x: jax.Array, shift: jax.Array) -> tuple[jax.Array, j
       axes lead every input and output.
     """
     _check_available()
-    zeros = jnp.sum(g.astype(jnp.float32) * (x - shift[:, None]), axis=(0, 2))
     if x.size == 0:
+        zeros = jnp.sum(g.astype(jnp.float32) * (x - shift[:, None]), axis=(0, 2))
         return zeros, zeros
-    out = jax.typeof(zeros)
-    call = jax.ffi.ffi_call(_DOT_SUMS, (out, out), vmap_method="broadcast_all")
-    return call(_flat(g), _flat(x), shift, q=np.int64(x.shape[2]))
+    return tuple(_bind(_DOT_SUMS, _flat(g), _flat(x), shift, q=x.shape[2]))
 
 
 def _flat(x: jax.Array) -> jax.Array:
     """``(P, C, Q)`` as the kernels take it, ``(P, C * Q)``: a trailing axis of length 1
     would make XLA copy the input to lay it out for the call."""
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2])
+
+
+def _unflat(x: jax.Array, q: int) -> jax.Array:
+    """``(..., P, C * Q)`` as ``(..., P, C, Q)`` in float32."""
+    return x.reshape(*x.shape[:-1], x.shape[-1] // q, q).astype(jnp.float32)
+
+
+def power_of_two_at_most(n: int) -> int:
+    """The largest power of two not above ``n >= 1``."""
+    return 1 << (n.bit_length() - 1)
+
+
+def _xla_shifted_sums(x: jax.Array, *, q: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The kernel's ``(shift, s1, s2)`` as XLA operations, for ``x`` ``(..., P, C * Q)``."""
+    x = _unflat(x, q)
+    q0 = power_of_two_at_most(min(q, _SHIFT_VALUES))
+    p0 = power_of_two_at_most(min(x.shape[-3], max(1, _SHIFT_VALUES // q0)))
+    # A power of two of values: the scaling is exact.
+    shift = jnp.sum(x[..., :p0, :, :q0], axis=(-3, -1)) * (1.0 / (p0 * q0))
+    d = x - shift[..., None, :, None]
+    return shift, jnp.sum(d, axis=(-3, -1)), jnp.sum(d * d, axis=(-3, -1))
+
+
+def _xla_dot_sums(g: jax.Array, x: jax.Array, shift: jax.Array, *, q: int
+                  ) -> tuple[jax.Array, jax.Array]:
+    """The kernel's ``(sum(g), sum(g * (x - shift)))`` as XLA operations."""
+    g = _unflat(g, q)
+    d = _unflat(x, q) - shift[..., None, :, None]
+    return jnp.sum(g, axis=(-3, -1)), jnp.sum(g * d, axis=(-3, -1))
+
+
+_XLA: dict[str, Callable] = {_SHIFTED_SUMS: _xla_shifted_sums, _DOT_SUMS: _xla_dot_sums}
+
+
+def _bind(target: str, *args: jax.Array, q: int) -> list[jax.Array]:
+    """The kernel ``target``'s outputs for ``args`` with leading axes ``(..., P, C * Q)``."""
+    # The outputs' type: (..., C) float32, and under shard_map varying over the mesh
+    # axes that the inputs vary over (the probe is traced for its type only: dead
+    # code that XLA drops).
+    probe = _XLA[target](*args, q=q)
+    outs = (jax.typeof(probe[-1]),) * len(probe)
+    return _primitive(target).bind(*args, q=q, outs=outs)
+
+
+def _kernel_runs(ctx: mlir.LoweringRuleContext) -> bool:
+    """Whether the program is lowered for the CPU alone, and not for export."""
+    module = ctx.module_context
+    for_export = getattr(getattr(module, "lowering_parameters", None), "for_export", False)
+    return tuple(module.platforms) == ("cpu",) and not for_export
+
+
+@functools.cache
+def _primitive(target: str) -> Primitive:
+    """The primitive of kernel ``target``, registered with JAX on first use."""
+    p = Primitive(target)
+    p.multiple_results = True
+    xla = _XLA[target]
+    compiled = jax.jit(lambda *args, q, outs: p.bind(*args, q=q, outs=outs),
+                       static_argnames=("q", "outs"))
+
+    def impl(*args, q, outs):
+        with jax.disable_jit(False):  # compiled even where jit is disabled
+            return compiled(*args, q=q, outs=outs)
+
+    def lowering(ctx, *args, q, outs):
+        if _kernel_runs(ctx):
+            return jax.ffi.ffi_lowering(target)(ctx, *args, q=np.int64(q))
+        return mlir.lower_fun(functools.partial(xla, q=q), multiple_results=True)(ctx, *args)
+
+    def batch(args, dims, *, q, outs):
+        # Every input with the mapped axis first (broadcast where it is not mapped,
+        # its axis None): the kernel sums each leading index on its own.
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+        args = [jnp.broadcast_to(a, (size, *a.shape)) if d is None
+                else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+        results = _bind(target, *args, q=q)
+        return results, [0] * len(results)
+
+    p.def_impl(impl)
+    p.def_abstract_eval(lambda *args, q, outs: list(outs))
+    mlir.register_lowering(p, lowering)
+    batching.primitive_batchers[p] = batch
+    return p

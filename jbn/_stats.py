@@ -51,11 +51,6 @@ class Moments(NamedTuple):
     m2: jax.Array  # (C,) sum of squared deviations from the mean
 
 
-def _power_of_two_at_most(n: int) -> int:
-    """The largest power of two not above ``n >= 1``."""
-    return 1 << (n.bit_length() - 1)
-
-
 def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
     """A per-channel value near the mean: ``(C,)``, without gradient."""
     reduced = [i for i in range(x.ndim) if i != axis]
@@ -72,7 +67,7 @@ def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
         index = [slice(None)] * x.ndim
         taken = 1
         for i in reversed(reduced):
-            k = _power_of_two_at_most(min(x.shape[i], -(-SHIFT_VALUES // taken)))
+            k = _cpu_kernel.power_of_two_at_most(min(x.shape[i], -(-SHIFT_VALUES // taken)))
             index[i] = slice(0, k)
             taken *= k
         # Each value is scaled before the sum, so that the sum is the mean and the

@@ -354,3 +354,86 @@ def test_pure_xla_path_is_within_2e_6_of_float64(without_kernel):
     (y, _), hlo = _train(jnp.asarray(x), -1)
     assert "jbn_shifted_sums" not in hlo
     assert np.abs(np.asarray(y, np.float64) - _float64_normalize(x, -1)).max() <= 2e-6
+
+
+def _kernel_calls(module_text: str) -> list[str]:
+    """The custom calls to jbn's kernels in a lowered (StableHLO) module."""
+    return re.findall(r"custom_call @(jbn_\w+)", module_text)
+
+
+@pytest.mark.parametrize("platforms", [("cpu",), ("cuda",), ("tpu",), ("cpu", "cuda")],
+                         ids="+".join)
+@pytest.mark.parametrize("shape, axis", [((4, 6, 5, 5), 1), ((4, 5, 5, 6), -1)], ids=str)
+def test_exported_training_step_holds_no_kernel_call_and_matches_the_kernel(kernel, platforms,
+                                                                            shape, axis):
+    # A program serialized with jax.export runs where jbn is not installed, and one
+    # lowered for a GPU or TPU on a CPU host runs there: neither may call the kernels,
+    # which exist only in this installation's CPU runtime. The same program compiled
+    # here for the CPU still does.
+    from jax import export
+
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.standard_normal(shape) * 2 + 50, jnp.float32)
+    params, state = jbn.init(shape[axis])
+    params = {"weight": params["weight"] * 1.5, "bias": params["bias"] + 0.5}
+
+    def step(params, state, x):
+        def loss(params, x):
+            y, new_state = jbn.batch_norm(params, state, x, True, axis=axis)
+            return jnp.sum(jnp.sin(y)), new_state
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+
+    compiled_here = jax.jit(step)
+    assert sorted(set(_kernel_calls(compiled_here.lower(params, state, x).as_text()))) == [
+        "jbn_dot_sums", "jbn_shifted_sums"]
+    exported = export.export(compiled_here, platforms=platforms)(params, state, x)
+    assert _kernel_calls(exported.mlir_module()) == []
+    if "cpu" in platforms:
+        for a, b in zip(jax.tree.leaves(exported.call(params, state, x)),
+                        jax.tree.leaves(compiled_here(params, state, x))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["shifted_sums", "dot_sums"])
+def test_sums_lowered_without_the_kernel_match_it_under_vmap(kernel, name):
+    # Where the kernel cannot run, its primitive is lowered as the same sums in XLA,
+    # for mapped (leading) axes too.
+    from jax import export
+
+    rng = np.random.default_rng(13)
+    x = jnp.asarray(rng.standard_normal((3, 6, 4, 10)) * 3 + 1e3, jnp.float32)
+    g = jnp.asarray(rng.standard_normal((3, 6, 4, 10)), jnp.bfloat16)
+    shift = jnp.asarray(rng.standard_normal(4) + 1e3, jnp.float32)  # not mapped
+    if name == "shifted_sums":
+        fn, args = jax.jit(jax.vmap(kernel.shifted_sums)), (x,)
+    else:
+        fn, args = jax.jit(jax.vmap(kernel.dot_sums, in_axes=(0, 0, None))), (g, x, shift)
+    assert _kernel_calls(fn.lower(*args).as_text()) == [f"jbn_{name}"]
+    exported = export.export(fn, platforms=["cpu"])(*args)
+    assert _kernel_calls(exported.mlir_module()) == []
+    xla, here = exported.call(*args), fn(*args)
+    if name == "shifted_sums":
+        # The shifts may differ by an ulp (a float32 sum of the corner block against
+        # the kernel's float64 one): compare what does not depend on them, the mean
+        # and the sum of squared deviations.
+        n = x.shape[1] * x.shape[3]
+        xla, here = ([shift + s1 / n, s2 - s1 * s1 / n] for shift, s1, s2 in (xla, here))
+    for a, b in zip(xla, here):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_sums_lowered_without_the_kernel_match_float64_at_a_large_mean(kernel, shape):
+    from jax import export
+
+    x = jnp.asarray(np.random.default_rng(14).standard_normal(shape) * 3 + 1e4, jnp.float32)
+    shift, s1, s2 = export.export(jax.jit(kernel.shifted_sums), platforms=["cpu"])(x).call(x)
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(shift, _corner_mean(x64), rtol=2**-23)
+    d = x64 - np.asarray(shift, np.float64)[None, :, None]
+    # Float32 sums in any order: off by at most n ulps of the sum of the magnitudes.
+    n = shape[0] * shape[2]
+    for got, terms in ((s1, d), (s2, d * d)):
+        exact = terms.sum((0, 2))
+        bound = n * 2.0**-24 * np.abs(terms).sum((0, 2))
+        np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - exact), bound + 1e-30)
