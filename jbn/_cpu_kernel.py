@@ -13,10 +13,12 @@ fused in. Where the kernels were not built, :func:`available` is False and jbn
 computes the same sums with XLA.
 
 Each kernel is a primitive of jbn's own, which becomes the kernel's call only in a
-program compiled for the CPU alone. In a program lowered for another platform (a
-GPU or TPU program lowered on a CPU host) or for :mod:`jax.export` (whose programs
-must run where jbn is not installed), the primitive becomes the same sums as XLA
-operations, so such programs hold no call that only this installation knows.
+program compiled for the CPU alone, run by each device on its own values. In a
+program lowered for another platform (a GPU or TPU program lowered on a CPU host)
+or for :mod:`jax.export` (whose programs must run where jbn is not installed), the
+primitive becomes the same sums as XLA operations, so such programs hold no call
+that only this installation knows; so it does in ``jit`` over a sharded batch,
+whose sums XLA partitions.
 """
 
 from __future__ import annotations
@@ -142,10 +144,30 @@ def _bind(target: str, *args: jax.Array, q: int) -> list[jax.Array]:
 
 
 def _kernel_runs(ctx: mlir.LoweringRuleContext) -> bool:
-    """Whether the program is lowered for the CPU alone, and not for export."""
+    """Whether the program is lowered for the CPU alone, not for export, and per device."""
     module = ctx.module_context
     for_export = getattr(getattr(module, "lowering_parameters", None), "for_export", False)
-    return tuple(module.platforms) == ("cpu",) and not for_export
+    return (tuple(module.platforms) == ("cpu",) and not for_export
+            and _per_device(module.axis_context))
+
+
+def _per_device(axis_context: object) -> bool:
+    """Whether each device runs the program on its own part of the batch.
+
+    True for a program on one device, and inside ``shard_map`` or ``pmap`` over all
+    of the mesh's axes of more than one device. Elsewhere (``jit`` over a sharded
+    batch) XLA's SPMD partitioner would gather the whole batch onto every device
+    for a custom call, where it splits XLA's own sums into partial sums and one
+    small all-reduce.
+    """
+    devices = getattr(axis_context, "num_devices", None)
+    if devices is not None:
+        return devices == 1
+    mesh = getattr(axis_context, "mesh", None)
+    manual = getattr(axis_context, "manual_axes", None)
+    if mesh is None or manual is None:
+        return False
+    return all(size == 1 for name, size in dict(mesh.shape).items() if name not in manual)
 
 
 @functools.cache

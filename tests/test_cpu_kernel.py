@@ -437,3 +437,35 @@ def test_sums_lowered_without_the_kernel_match_float64_at_a_large_mean(kernel, s
         exact = terms.sum((0, 2))
         bound = n * 2.0**-24 * np.abs(terms).sum((0, 2))
         np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - exact), bound + 1e-30)
+
+
+def test_jit_over_a_sharded_batch_partitions_the_sums_instead_of_gathering_the_batch(kernel):
+    # Under jit, XLA's SPMD partitioner would gather a batch split across devices
+    # whole onto every device for a custom call; XLA's own sums it splits into partial
+    # sums and an all-reduce of (C,) values. Inside shard_map every device calls the
+    # kernels on its own part.
+    try:  # jax >= 0.7
+        from jax import shard_map
+    except ImportError:
+        from jax.experimental.shard_map import shard_map
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    assert mesh.size > 1
+    x = jnp.asarray(np.random.default_rng(15).standard_normal((16, 6, 5, 5)), jnp.float32)
+    params, state = jbn.init(6)
+
+    def forward_backward(axis_name):
+        def f(x):
+            return jbn.batch_norm(params, state, x, True, axis_name=axis_name)[0]
+        return lambda x: jax.vjp(f, x)[1](x)
+
+    split = jax.device_put(x, NamedSharding(mesh, P("batch")))
+    jitted = jax.jit(forward_backward(None)).lower(split).compile().as_text()
+    assert "all-gather" not in jitted and "all-reduce" in jitted
+    assert not re.findall(r'custom_call_target="(jbn_\w+)"', jitted)
+    mapped = jax.jit(shard_map(forward_backward("batch"), mesh=mesh, in_specs=P("batch"),
+                               out_specs=P("batch"))).lower(x).compile().as_text()
+    assert sorted(set(re.findall(r'custom_call_target="(jbn_\w+)"', mapped))) == [
+        "jbn_dot_sums", "jbn_shifted_sums"]
