@@ -217,7 +217,13 @@ def _check_count(shape: tuple, axis: int, mask: Any, axis_name: Any) -> None:
     for i, s in enumerate(shape):
         if i != axis:
             per_device *= s
-    if mask is None and per_device * devices <= 1:
+    try:
+        too_few = mask is None and per_device * devices <= 1
+    except jax.errors.InconclusiveDimensionOperation:
+        # Symbolic lengths that may all be 1 (a program exported for any batch and
+        # length): no check at trace time, and none in the program.
+        too_few = False
+    if too_few:
         raise _checks.too_few_values(shape)
 
 

@@ -32,6 +32,8 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
+from jbn._layout import block_size
+
 _SHIFTED_SUMS = "jbn_shifted_sums"
 _DOT_SUMS = "jbn_dot_sums"
 # Input dtypes the kernel reads.
@@ -106,16 +108,11 @@ def _unflat(x: jax.Array, q: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], x.shape[-1] // q, q).astype(jnp.float32)
 
 
-def power_of_two_at_most(n: int) -> int:
-    """The largest power of two not above ``n >= 1``."""
-    return 1 << (n.bit_length() - 1)
-
-
 def _xla_shifted_sums(x: jax.Array, *, q: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The kernel's ``(shift, s1, s2)`` as XLA operations, for ``x`` ``(..., P, C * Q)``."""
     x = _unflat(x, q)
-    q0 = power_of_two_at_most(min(q, _SHIFT_VALUES))
-    p0 = power_of_two_at_most(min(x.shape[-3], max(1, _SHIFT_VALUES // q0)))
+    q0 = block_size(q, _SHIFT_VALUES)
+    p0 = block_size(x.shape[-3], max(1, _SHIFT_VALUES // q0))
     # A power of two of values: the scaling is exact.
     shift = jnp.sum(x[..., :p0, :, :q0], axis=(-3, -1)) * (1.0 / (p0 * q0))
     d = x - shift[..., None, :, None]

@@ -19,15 +19,27 @@ either way up to the order of the additions.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.export import is_symbolic_dim
 
 
 def channel_shape(ndim: int, axis: int) -> tuple[int, ...]:
     """Shape that broadcasts a ``(C,)`` vector along ``axis`` of an ``ndim``-array: ``(1, C, 1, 1)``."""
     return tuple(-1 if i == axis else 1 for i in range(ndim))
+
+
+def block_size(dim: Any, cap: int) -> int:
+    """The largest power of two not above ``dim`` (an axis's length) or ``cap >= 1``.
+
+    A symbolic ``dim`` (a program exported for any batch size) is at least 1 and
+    may be 1: its block size is 1.
+    """
+    if is_symbolic_dim(dim):
+        return 1
+    return 1 << (min(dim, cap).bit_length() - 1)
 
 
 def _on_cpu() -> bool:
@@ -57,8 +69,10 @@ class RowView(NamedTuple):
 
     @property
     def matrix(self) -> bool:
-        """Whether the view is ``(before * C, after)`` (else ``shape`` itself)."""
-        return self.after > 1 and self.on_cpu
+        """Whether the view is ``(before * C, after)`` (else ``shape`` itself; so with
+        symbolic lengths, as in a program exported for any batch size)."""
+        static = not any(is_symbolic_dim(d) for d in self.shape)
+        return self.on_cpu and static and self.after > 1
 
     def rows(self, x: jax.Array) -> jax.Array:
         """``x`` (of ``shape``) in the view."""

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jbn import _cpu_kernel
-from jbn._layout import RowView
+from jbn._layout import RowView, block_size
 
 # Name given to every O(C) statistic, so that a rematerialized backward pass keeps
 # them and recomputes only elementwise values from the input.
@@ -67,7 +67,7 @@ def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
         index = [slice(None)] * x.ndim
         taken = 1
         for i in reversed(reduced):
-            k = _cpu_kernel.power_of_two_at_most(min(x.shape[i], -(-SHIFT_VALUES // taken)))
+            k = block_size(x.shape[i], -(-SHIFT_VALUES // taken))
             index[i] = slice(0, k)
             taken *= k
         # Each value is scaled before the sum, so that the sum is the mean and the
