@@ -69,8 +69,8 @@ class RowView(NamedTuple):
 
     @property
     def matrix(self) -> bool:
-        """Whether the view is ``(before * C, after)`` (else ``shape`` itself; so with
-        symbolic lengths, as in a program exported for any batch size)."""
+        """Whether the view is ``(before * C, after)``; else it is ``shape`` itself, as
+        for symbolic lengths (a program exported for any batch size)."""
         static = not any(is_symbolic_dim(d) for d in self.shape)
         return self.on_cpu and static and self.after > 1
 
