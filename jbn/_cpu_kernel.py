@@ -12,13 +12,13 @@ XLA's CPU reductions take one pass per sum, at half speed once the subtraction i
 fused in. Where the kernels were not built, :func:`available` is False and jbn
 computes the same sums with XLA.
 
-Each kernel is a primitive of jbn's own, which becomes the kernel's call only in a
-program compiled for the CPU alone, run by each device on its own values. In a
-program lowered for another platform (a GPU or TPU program lowered on a CPU host)
-or for :mod:`jax.export` (whose programs must run where jbn is not installed), the
-primitive becomes the same sums as XLA operations, so such programs hold no call
-that only this installation knows; so it does in ``jit`` over a sharded batch,
-whose sums XLA partitions.
+Each kernel is a primitive of jbn's own. It becomes the kernel's call only in a
+program compiled for the CPU alone in which each device sums its own values, and
+the same sums as XLA operations everywhere else: in a program lowered for another
+platform (a GPU or TPU program lowered on a CPU host), in one for
+:mod:`jax.export` (which must run where jbn is not installed), and in ``jit`` over a
+batch split across devices (whose sums XLA partitions, where for a call it would
+gather the whole batch onto every device).
 """
 
 from __future__ import annotations
