@@ -154,8 +154,8 @@ def _per_device(axis_context: object) -> bool:
     True for a program on one device, and inside ``shard_map`` or ``pmap`` over all
     of the mesh's axes of more than one device. Elsewhere (``jit`` over a sharded
     batch) XLA's SPMD partitioner would gather the whole batch onto every device
-    for a custom call, where it splits XLA's own sums into partial sums and one
-    small all-reduce.
+    for a custom call, where it splits XLA's own sums into partial sums and
+    collectives of ``(C,)`` values.
     """
     devices = getattr(axis_context, "num_devices", None)
     if devices is not None:

@@ -442,7 +442,7 @@ def test_sums_lowered_without_the_kernel_match_float64_at_a_large_mean(kernel, s
 def test_jit_over_a_sharded_batch_partitions_the_sums_instead_of_gathering_the_batch(kernel):
     # Under jit, XLA's SPMD partitioner would gather a batch split across devices
     # whole onto every device for a custom call; XLA's own sums it splits into partial
-    # sums and an all-reduce of (C,) values. Inside shard_map every device calls the
+    # sums and all-reduces of (C,) values. Inside shard_map every device calls the
     # kernels on its own part.
     try:  # jax >= 0.7
         from jax import shard_map
