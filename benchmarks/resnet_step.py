@@ -10,6 +10,10 @@ on a GPU) on random images and labels. The three steps run interleaved (one call
 each per repeat, median of the repeats, compilation excluded). The Flax networks are
 NHWC; torch runs NCHW on a CPU and ``channels_last`` with bfloat16 autocast on a GPU.
 
+On a CPU the same network with a per-channel scale and bias in place of batch norm
+(no batch statistics) is timed too: the step less that one is batch norm's part of
+it.
+
 The script also reads the compiled HLO of jbn's step to check that the normalization
 still fuses with the ReLU and the residual add (no batch-sized intermediate between
 them), compared with the same count for flax.linen.BatchNorm. ``--out`` appends the
@@ -41,6 +45,9 @@ import jbn  # noqa: E402
 
 NUM_CLASSES = 10
 WRITTEN = "batch-sized arrays written"
+# The Flax networks, by their Norm's kind.
+NETWORKS = {"jbn": "flax + jbn.BatchNorm2d", "flax": "flax + flax.linen.BatchNorm",
+            "affine": "flax + affine only (no batch statistics)"}
 
 
 # ----------------------------------------------------------------------------- Flax
@@ -49,15 +56,23 @@ WRITTEN = "batch-sized arrays written"
 class Norm(nn.Module):
     """A batch norm over the last (channel) axis: jbn's or flax.linen's, PyTorch's eps/momentum.
 
-    Both take their statistics in float32 and return the input's dtype.
+    Both take their statistics in float32 and return the input's dtype. ``"affine"`` is
+    no batch norm: a per-channel scale and bias, without batch statistics, the cost of
+    the step without batch norm's reductions (a floor for any batch norm).
     """
 
-    kind: str  # "jbn" or "flax"
+    kind: str  # "jbn", "flax" or "affine"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.kind == "jbn":
             return jbn.BatchNorm2d(x.shape[-1], axis=-1)(x, train)
+        if self.kind == "affine":
+            scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+            bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+            # A running statistic, so that the step has the same collections.
+            self.variable("batch_stats", "unused", jnp.zeros, ())
+            return (x * scale + bias).astype(x.dtype)
         return nn.BatchNorm(use_running_average=not train, axis=-1, momentum=0.9,
                             epsilon=1e-5, dtype=x.dtype)(x)
 
@@ -268,36 +283,47 @@ def main(argv: list[str] | None = None) -> None:
         stages, bottleneck, batch, size, name = (3, 4, 6, 3), True, 256, 224, "ResNet-50"
     else:
         stages, bottleneck, batch, size, name = (2, 2, 2, 2), False, 8, 64, "ResNet-18"
-    repeats = args.repeats or (3 if args.quick else 11)
+    # On a CPU, batch norm is a few milliseconds of a 0.5 s step: enough repeats for the
+    # medians to tell them apart.
+    repeats = args.repeats or (3 if args.quick else 11 if gpu else 41)
     dtype = jnp.bfloat16 if gpu else jnp.float32
     rng = np.random.default_rng(0)
     images = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
     labels = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
 
     smallest = smallest_activation(stages, bottleneck, batch, size)
+    # On a GPU the affine-only network is left out: a third compilation of ResNet-50
+    # would not fit the GPU run's time.
+    kinds = ("jbn", "flax") if gpu else ("jbn", "flax", "affine")
     steps: dict[str, Callable[[], Any]] = {}
     fusion: dict[str, dict[str, int]] = {}
     with _common.progress() as bar:
-        task = bar.add_task(f"{name} step: compile", total=3)
-        for kind in ("jbn", "flax"):
+        task = bar.add_task(f"{name} step: compile", total=len(kinds) + 1)
+        for kind in kinds:
             model = ResNet(stages, bottleneck, kind, dtype=dtype)
             step, state = flax_step(model, jnp.asarray(images), jnp.asarray(labels))
-            fusion[kind], hlo = fusion_report(step, state, smallest)
-            if args.hlo_dir:
-                os.makedirs(args.hlo_dir, exist_ok=True)
-                with open(os.path.join(args.hlo_dir, f"step-{kind}.hlo"), "w") as f:
-                    f.write(hlo)
+            if kind != "affine":
+                fusion[kind], hlo = fusion_report(step, state, smallest)
+                if args.hlo_dir:
+                    os.makedirs(args.hlo_dir, exist_ok=True)
+                    with open(os.path.join(args.hlo_dir, f"step-{kind}.hlo"), "w") as f:
+                        f.write(hlo)
             # Each step starts from the same variables: the time is that of one update.
-            steps[f"flax + {'jbn.BatchNorm2d' if kind == 'jbn' else 'flax.linen.BatchNorm'}"] = (
-                functools.partial(step, *state))
+            steps[NETWORKS[kind]] = functools.partial(step, *state)
             bar.advance(task)
         steps["torch"] = torch_step(stages, bottleneck, images, labels)
         bar.advance(task)
         bar.update(task, description=f"{name} step: timing")
         med = _common.interleaved_medians(steps, repeats=repeats, warmup=2)
 
-    jbn_ms = med["flax + jbn.BatchNorm2d"]
+    jbn_ms = med[NETWORKS["jbn"]]
     rows = [[impl, ms, jbn_ms / ms] for impl, ms in med.items()]
+    share = []
+    if NETWORKS["affine"] in med:
+        floor = med[NETWORKS["affine"]]
+        share = ["", "Batch norm's part of the step (the step's time less the affine-only one's): "
+                 + ", ".join(f"{kind} {med[NETWORKS[kind]] - floor:.1f} ms"
+                             for kind in ("jbn", "flax")) + "."]
     precision = ("bfloat16 compute (float32 parameters and batch statistics), torch with "
                  "autocast, channels_last") if gpu else "float32"
     text = "\n".join([
@@ -308,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         f"momentum; median of {repeats} interleaved repeats",
         "",
         _common.markdown_table(["network", "step ms", "jbn step / this"], rows),
+        *share,
         "",
         "### Fusion of the normalization with ReLU and the residual add (compiled HLO)",
         "",

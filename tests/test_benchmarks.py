@@ -152,3 +152,25 @@ def test_timed_programs_take_the_running_statistics_as_arguments():
             entry = hlo[hlo.index("ENTRY"):].split("\n}")[0]
             assert len(re.findall(r" parameter\(\d+\)", entry)) == inputs, (impl, mode, entry)
             assert not re.search(r"copy\(%constant", entry), (impl, mode, entry)
+
+
+def test_resnet_step_affine_network_normalizes_no_sample_by_the_others():
+    # The affine-only network, the step's floor without batch norm, must take no batch
+    # statistics: a sample's training output does not depend on the rest of the batch,
+    # as it does with a batch norm.
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import resnet_step
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 16, 16, 3)), jnp.float32)
+    alone = {}
+    for kind in ("affine", "jbn"):
+        model = resnet_step.ResNet((1,), False, kind, width=4)
+        variables = model.init(jax.random.key(0), x, train=False)
+
+        def train(x, model=model, variables=variables):
+            return model.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+        alone[kind] = np.allclose(train(x)[:1], train(x[:1]), rtol=1e-5, atol=1e-6)
+    assert alone == {"affine": True, "jbn": False}
