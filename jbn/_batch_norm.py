@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
 from jbn import _checks
@@ -135,7 +136,9 @@ def batch_norm(
         scale = jax.lax.rsqrt(state["running_var"].astype(compute) + eps)
         if weight is not None:
             scale = scale * weight.astype(compute)
-        y = normalize(x, mean, scale, bias, axis, compute, out_dtype)
+        normalize_running = functools.partial(normalize, axis=axis, compute=compute,
+                                              out_dtype=out_dtype)
+        y = _auto_where_split(normalize_running, x, stats=0)(x, mean, scale, bias)
         return y, dict(state)
 
     # PyTorch synchronizes only in training.
@@ -146,10 +149,27 @@ def batch_norm(
         axis=axis, eps=eps, axis_name=axis_name, axis_index_groups=axis_index_groups,
         compute=compute, out_dtype=out_dtype,
     )
-    y, mean, m2, count = normalize_batch(x, weight, bias, mask)
+    y, mean, m2, count = _auto_where_split(normalize_batch, x, stats=3)(x, weight, bias, mask)
     if not (train and state):
         return y, dict(state)
     return y, _update_state(state, mean, m2, count, momentum)
+
+
+def _auto_where_split(fn: Callable, x: jax.Array, stats: int) -> Callable:
+    """``fn``, run in auto sharding mode where ``x``'s type splits it across devices.
+
+    With explicit sharding (``jax.set_mesh`` on ``AxisType.Explicit`` axes) the
+    reshapes and slices that batch norm takes of the batch have no sharding rule; in
+    auto mode XLA partitions them as under a plain ``jit``: partial sums and
+    collectives of ``(C,)`` values. ``fn``'s first output keeps ``x``'s sharding, its
+    ``stats`` other outputs (per-channel) are replicated.
+    """
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
+    if all(p is None for p in spec):
+        return fn
+    split, replicated = jax.typeof(x).sharding, PartitionSpec()
+    out = split if stats == 0 else (split,) + (replicated,) * stats
+    return jax.sharding.auto_axes(fn, out_sharding=out)
 
 
 def _normalize_with_batch_stats(

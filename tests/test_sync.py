@@ -415,6 +415,59 @@ def test_jit_over_sharded_batch_computes_global_statistics(layout):
     _assert_matches(got, _torch_reference(params, state, x, dy, axis))
 
 
+def _explicit_mesh():
+    """The 8 devices as a mesh whose axis is explicit: shardings are part of array types."""
+    if not hasattr(jax, "set_mesh"):
+        pytest.skip("explicit sharding needs jax.set_mesh (jax >= 0.7)")
+    from jax.sharding import AxisType
+
+    return jax.make_mesh((D,), (AXIS,), axis_types=(AxisType.Explicit,))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_explicit_sharding_training_equals_global_batch_and_torch_without_gathering_it(layout):
+    # With the batch split in its type, reshapes and slices across the split axis have
+    # no sharding rule: batch norm must still train, keep y split as x was, and send
+    # only per-channel values between devices.
+    axis = LAYOUTS[layout]
+    params, state = _variables()
+    x, dy = _batch(layout)
+    mesh = _explicit_mesh()
+    with jax.set_mesh(mesh):
+        split = NamedSharding(mesh, P(AXIS))
+        xs, dys = jax.device_put(x, split), jax.device_put(dy, split)
+        step = jax.jit(_grad_loss, static_argnums=4)
+        (gp, gx), (y, new_state) = step(params, state, xs, dys, axis)
+        hlo = step.lower(params, state, xs, dys, axis).compile().as_text()
+    spec = jax.typeof(xs).sharding.spec
+    assert spec[0] == AXIS
+    assert jax.typeof(y).sharding.spec == jax.typeof(gx).sharding.spec == spec
+    assert "all-gather" not in hlo and "all-reduce" in hlo
+    got = (y, new_state, gx, gp["weight"], gp["bias"])
+    _assert_matches(got, _single_device(params, state, x, dy, axis), rtol=1e-5, atol=1e-6)
+    _assert_matches(got, _torch_reference(params, state, x, dy, axis))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_explicit_sharding_evaluation_and_module_equal_one_device(layout):
+    axis = LAYOUTS[layout]
+    params, state = _variables()
+    x, _ = _batch(layout)
+    model = jbn.BatchNorm2d(C, axis=axis)
+    variables = {"params": params, "batch_stats": state}
+    mesh = _explicit_mesh()
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P(AXIS)))
+        evaluated = jax.jit(lambda x: jbn.batch_norm(params, state, x, False, axis=axis))(xs)
+        trained = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+            variables, xs)
+    single = (jax.jit(lambda x: jbn.batch_norm(params, state, x, False, axis=axis))(x),
+              jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+                  variables, x))
+    for got, want in zip(jax.tree.leaves((evaluated, trained)), jax.tree.leaves(single)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 # --- collectives in the compiled program --------------------------------------------------
 
 _COLLECTIVE = re.compile(
