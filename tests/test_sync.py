@@ -468,6 +468,20 @@ def test_explicit_sharding_evaluation_and_module_equal_one_device(layout):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_explicit_sharding_with_a_split_mask_equals_one_device():
+    params, state = _variables()
+    x, dy = _batch("NCHW")
+    mask = np.random.default_rng(5).random((x.shape[0], *x.shape[2:])) > 0.3
+    mesh = _explicit_mesh()
+    step = jax.jit(lambda p, s, x, dy, m: _grad_loss(p, s, x, dy, 1, mask=m))
+    with jax.set_mesh(mesh):
+        split = NamedSharding(mesh, P(AXIS))
+        got = step(params, state, *(jax.device_put(a, split) for a in (x, dy, mask)))
+    want = step(params, state, x, dy, mask)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 # --- collectives in the compiled program --------------------------------------------------
 
 _COLLECTIVE = re.compile(
