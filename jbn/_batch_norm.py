@@ -138,7 +138,7 @@ def batch_norm(
             scale = scale * weight.astype(compute)
         normalize_running = functools.partial(normalize, axis=axis, compute=compute,
                                               out_dtype=out_dtype)
-        y = _auto_where_split(normalize_running, x, stats=0)(x, mean, scale, bias)
+        y = _auto_sharded(normalize_running, x, stats=0)(x, mean, scale, bias)
         return y, dict(state)
 
     # PyTorch synchronizes only in training.
@@ -149,23 +149,24 @@ def batch_norm(
         axis=axis, eps=eps, axis_name=axis_name, axis_index_groups=axis_index_groups,
         compute=compute, out_dtype=out_dtype,
     )
-    y, mean, m2, count = _auto_where_split(normalize_batch, x, stats=3)(x, weight, bias, mask)
+    y, mean, m2, count = _auto_sharded(normalize_batch, x, stats=3)(x, weight, bias, mask)
     if not (train and state):
         return y, dict(state)
     return y, _update_state(state, mean, m2, count, momentum)
 
 
-def _auto_where_split(fn: Callable, x: jax.Array, stats: int) -> Callable:
-    """``fn``, run in auto sharding mode where ``x``'s type splits it across devices.
+def _auto_sharded(fn: Callable, x: jax.Array, stats: int) -> Callable:
+    """``fn``, run in auto sharding mode under a mesh with explicit axes.
 
-    With explicit sharding (``jax.set_mesh`` on ``AxisType.Explicit`` axes) the
-    reshapes and slices that batch norm takes of the batch have no sharding rule; in
-    auto mode XLA partitions them as under a plain ``jit``: partial sums and
-    collectives of ``(C,)`` values. ``fn``'s first output keeps ``x``'s sharding, its
-    ``stats`` other outputs (per-channel) are replicated.
+    With explicit sharding (``jax.set_mesh`` on ``AxisType.Explicit`` axes) an
+    array's type says how it is split across devices, and the reshapes and slices
+    that batch norm takes of a split batch have no sharding rule. In auto mode XLA
+    partitions them as under a plain ``jit``: partial sums and collectives of
+    ``(C,)`` values (none where ``vmap`` maps over the split axis). ``fn``'s first
+    output keeps ``x``'s sharding; its ``stats`` other outputs (per-channel) are
+    replicated.
     """
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
-    if all(p is None for p in spec):
+    if not getattr(jax.sharding.get_abstract_mesh(), "explicit_axes", ()):
         return fn
     split, replicated = jax.typeof(x).sharding, PartitionSpec()
     out = split if stats == 0 else (split,) + (replicated,) * stats

@@ -482,6 +482,23 @@ def test_explicit_sharding_with_a_split_mask_equals_one_device():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_explicit_sharding_vmap_over_split_groups_normalizes_each_group_on_its_device():
+    # Ghost batch norm: vmap over groups of samples, the groups split across devices.
+    # Each group is normalized on its own device, with no collective at all.
+    params, state = _variables()
+    x, _ = _batch("NCHW")
+    groups = x.reshape(D, -1, *x.shape[1:])
+    mesh = _explicit_mesh()
+    fn = jax.jit(jax.vmap(lambda g: jbn.batch_norm(params, state, g, True)))
+    with jax.set_mesh(mesh):
+        split = jax.device_put(groups, NamedSharding(mesh, P(AXIS)))
+        (y, new_state), hlo = fn(split), fn.lower(split).compile().as_text()
+    assert jax.typeof(y).sharding.spec[0] == AXIS
+    assert not _collectives(hlo)
+    for a, b in zip(jax.tree.leaves((y, new_state)), jax.tree.leaves(fn(groups))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 # --- collectives in the compiled program --------------------------------------------------
 
 _COLLECTIVE = re.compile(
