@@ -166,7 +166,8 @@ def _auto_sharded(fn: Callable, x: jax.Array, stats: int) -> Callable:
     output keeps ``x``'s sharding; its ``stats`` other outputs (per-channel) are
     replicated.
     """
-    if not getattr(jax.sharding.get_abstract_mesh(), "explicit_axes", ()):
+    mesh = getattr(jax.sharding, "get_abstract_mesh", lambda: None)()
+    if not getattr(mesh, "explicit_axes", ()):
         return fn
     split, replicated = jax.typeof(x).sharding, PartitionSpec()
     out = split if stats == 0 else (split,) + (replicated,) * stats
