@@ -220,6 +220,12 @@ def _assert_matches(got, want, *, rtol=1e-5, atol=1e-5):
     np.testing.assert_allclose(gb, rgb, rtol=rtol, atol=10 * atol)
 
 
+def _assert_global_batch(got, params, state, x, dy, axis):
+    """``got`` is batch norm of the whole (global) batch: jbn's on one device and torch's."""
+    _assert_matches(got, _single_device(params, state, x, dy, axis), rtol=1e-5, atol=1e-6)
+    _assert_matches(got, _torch_reference(params, state, x, dy, axis))
+
+
 # --- pmap, shard_map, vmap: the global batch --------------------------------------------
 
 
@@ -233,9 +239,7 @@ def test_pmap_equals_global_batch_and_torch(layout):
     state0 = jax.tree.map(lambda v: v[0], new_state)
     # Summed over devices, the parameter gradients are the global ones.
     got = (_concat(y), state0, _concat(gx), gp["weight"].sum(0), gp["bias"].sum(0))
-    single = _single_device(params, state, x, dy, axis)
-    _assert_matches(got, single, rtol=1e-5, atol=1e-6)
-    _assert_matches(got, _torch_reference(params, state, x, dy, axis))
+    _assert_global_batch(got, params, state, x, dy, axis)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -268,8 +272,7 @@ def test_shard_map_and_vmap_with_axis_name_equal_global_batch_and_torch(style, l
     _assert_same_on_every_device(new_state)
     state0 = jax.tree.map(lambda v: v[0], new_state)
     got = (y, state0, gx, gp["weight"], gp["bias"])
-    _assert_matches(got, _single_device(params, state, x, dy, axis), rtol=1e-5, atol=1e-6)
-    _assert_matches(got, _torch_reference(params, state, x, dy, axis))
+    _assert_global_batch(got, params, state, x, dy, axis)
 
 
 def test_evaluation_under_pmap_uses_running_statistics_without_communicating():
@@ -411,8 +414,7 @@ def test_jit_over_sharded_batch_computes_global_statistics(layout):
     assert len(xs.sharding.device_set) == D
     (gp, gx), (y, new_state) = jax.jit(_grad_loss, static_argnums=4)(params, state, xs, dys, axis)
     got = (y, new_state, gx, gp["weight"], gp["bias"])
-    _assert_matches(got, _single_device(params, state, x, dy, axis), rtol=1e-5, atol=1e-6)
-    _assert_matches(got, _torch_reference(params, state, x, dy, axis))
+    _assert_global_batch(got, params, state, x, dy, axis)
 
 
 def _explicit_mesh():
@@ -444,8 +446,7 @@ def test_explicit_sharding_training_equals_global_batch_and_torch_without_gather
     assert jax.typeof(y).sharding.spec == jax.typeof(gx).sharding.spec == spec
     assert "all-gather" not in hlo and "all-reduce" in hlo
     got = (y, new_state, gx, gp["weight"], gp["bias"])
-    _assert_matches(got, _single_device(params, state, x, dy, axis), rtol=1e-5, atol=1e-6)
-    _assert_matches(got, _torch_reference(params, state, x, dy, axis))
+    _assert_global_batch(got, params, state, x, dy, axis)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
