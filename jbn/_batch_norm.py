@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.export import is_symbolic_dim
 from jax.sharding import PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
@@ -102,7 +103,10 @@ def batch_norm(
       mask: optional boolean array of ``x``'s shape without the channel axis (or
         broadcastable to it with the same rank, e.g. ``(N, 1)`` for ``(N, C, L)``):
         only positions where it is True enter the batch statistics and the count.
-        Outputs at masked positions are still computed with those statistics.
+        Outputs at masked positions are still computed with those statistics. A
+        batch without a valid position (or an empty ``x``) is counted in
+        ``num_batches_tracked`` and leaves the running statistics as they were, as
+        PyTorch does for an empty batch.
       dtype: dtype of ``y``; defaults to ``x``'s dtype.
 
     Returns:
@@ -144,6 +148,14 @@ def batch_norm(
     # PyTorch synchronizes only in training.
     axis_name = axis_name if train else None
     _check_count(x.shape, axis, mask, axis_name)
+    if _is_empty(x.shape):
+        # PyTorch's empty batch: an empty output, and in training the running
+        # statistics as they were, with the batch counted.
+        y = jnp.zeros(x.shape, out_dtype)
+        if not (train and state):
+            return y, dict(state)
+        zero = jnp.zeros((x.shape[axis],), compute)
+        return y, _update_state(state, zero, zero, jnp.zeros((), compute), momentum)
     normalize_batch = functools.partial(
         _normalize_with_batch_stats,
         axis=axis, eps=eps, axis_name=axis_name, axis_index_groups=axis_index_groups,
@@ -240,7 +252,7 @@ def _check_count(shape: tuple, axis: int, mask: Any, axis_name: Any) -> None:
         if i != axis:
             per_device *= s
     try:
-        too_few = mask is None and per_device * devices <= 1
+        too_few = mask is None and per_device * devices == 1
     except jax.errors.InconclusiveDimensionOperation:
         # Symbolic lengths that may all be 1 (a program exported for any batch and
         # length): no check at trace time, and none in the program.
@@ -249,10 +261,20 @@ def _check_count(shape: tuple, axis: int, mask: Any, axis_name: Any) -> None:
         raise _checks.too_few_values(shape)
 
 
+def _is_empty(shape: tuple) -> bool:
+    """Whether an input of ``shape`` holds no value (a symbolic length is at least 1)."""
+    return any(not is_symbolic_dim(d) and d == 0 for d in shape)
+
+
 def _update_state(
     state: State, mean: jax.Array, m2: jax.Array, count: jax.Array, momentum: float | None
 ) -> dict[str, jax.Array]:
-    """PyTorch's running-statistics update, with the unbiased variance ``m2 / (n - 1)``."""
+    """PyTorch's running-statistics update, with the unbiased variance ``m2 / (n - 1)``.
+
+    A batch without a value (``count == 0``: an empty batch, or a mask that is False
+    everywhere) leaves the running statistics as they were and is still counted in
+    ``num_batches_tracked``, as PyTorch does for an empty batch.
+    """
     mean, m2, count = (jax.lax.stop_gradient(v) for v in (mean, m2, count))
     tracked = state["num_batches_tracked"] + 1
     if momentum is None:
@@ -261,8 +283,11 @@ def _update_state(
         factor = jnp.float32(momentum)
     unbiased = m2 / jnp.maximum(count - 1, 1)
     running_mean, running_var = state["running_mean"], state["running_var"]
+    seen = count > 0
+    new_mean = jnp.where(seen, (1 - factor) * running_mean + factor * mean, running_mean)
+    new_var = jnp.where(seen, (1 - factor) * running_var + factor * unbiased, running_var)
     return {
-        "running_mean": ((1 - factor) * running_mean + factor * mean).astype(running_mean.dtype),
-        "running_var": ((1 - factor) * running_var + factor * unbiased).astype(running_var.dtype),
+        "running_mean": new_mean.astype(running_mean.dtype),
+        "running_var": new_var.astype(running_var.dtype),
         "num_batches_tracked": tracked.astype(state["num_batches_tracked"].dtype),
     }

@@ -209,3 +209,41 @@ def test_flax_model_trains_and_evaluates_in_a_jitted_step():
     assert int(new_variables["batch_stats"]["BatchNorm2d_0"]["num_batches_tracked"]) == 1
     assert not np.allclose(new_variables["params"]["BatchNorm2d_0"]["weight"], 1.0)
     assert np.isfinite(model.apply(new_variables, x, train=False))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (0, 3, 4, 4), (2, 3, 0, 4), (0, 3, 2, 2, 2)])
+def test_empty_batch_is_counted_and_keeps_the_statistics_like_torch(shape, momentum):
+    layer = torch_layer(len(shape) - 2, 3, momentum=momentum)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([1.0, -2.0, 3.0]))
+        layer.running_var.copy_(torch.tensor([0.5, 2.0, 4.0]))
+    params, state = jbn.init(3)
+    state = dict(state, running_mean=jnp.asarray([1.0, -2.0, 3.0]),
+                 running_var=jnp.asarray([0.5, 2.0, 4.0]))
+    step = jax.jit(lambda p, s, x: jbn.batch_norm(p, s, x, True, momentum=momentum))
+    for train in (True, True, False):
+        expected = torch_forward(layer, np.zeros(shape, np.float32), train)
+        y, state = step(params, state, jnp.zeros(shape)) if train else jbn.batch_norm(
+            params, state, jnp.zeros(shape), False)
+        assert y.shape == expected.shape and y.dtype == jnp.float32
+        for key, value in layer.state_dict().items():
+            tree = params if key in params else state
+            np.testing.assert_array_equal(np.asarray(tree[key]), value.numpy(), err_msg=key)
+
+
+def test_empty_batch_gradients_are_zero_and_finite():
+    params, state = jbn.init(3)
+    x = jnp.zeros((0, 3, 4, 4), jnp.bfloat16)
+
+    def loss(p, x):
+        return jnp.sum(jbn.batch_norm(p, state, x, True)[0].astype(jnp.float32))
+
+    g_params, g_x = jax.grad(loss, argnums=(0, 1))(params, x)
+    assert g_x.shape == x.shape and g_x.dtype == x.dtype
+    for g in g_params.values():
+        np.testing.assert_array_equal(g, np.zeros(3))
+    y, new = jbn.BatchNorm2d(3).apply({"params": params, "batch_stats": state}, x, train=True,
+                                      mutable=["batch_stats"])
+    assert y.shape == x.shape and y.dtype == jnp.bfloat16
+    assert int(new["batch_stats"]["num_batches_tracked"]) == 1

@@ -50,7 +50,8 @@ def test_training_steps_use_only_valid_positions_like_torch_on_unpadded_data():
     tbn = _torch_bn()
     params, state = _params(tbn), jbn.init(C)[1]
     step = jax.jit(lambda s, x, m: jbn.batch_norm(params, s, x, True, mask=m))
-    for seed, lengths in enumerate([(5, 3, 7, 1), (2, 7, 4, 6), (7, 1, 1, 3)]):
+    # An all-padding batch is torch's empty batch: counted, the statistics kept.
+    for seed, lengths in enumerate([(5, 3, 7, 1), (0, 0, 0, 0), (2, 7, 4, 6), (7, 1, 1, 3)]):
         x, mask = _padded(lengths, seed)
         y, state = step(state, jnp.asarray(x), jnp.asarray(mask))
         expected = tbn(torch.from_numpy(_valid(x, mask))).detach().numpy()
@@ -110,7 +111,8 @@ def test_per_sample_mask_broadcasts_and_drops_whole_samples():
 @pytest.mark.parametrize("lengths", [
     [(5, 3), (7, 1), (2, 6), (4, 4)],
     [(5, 3), (0, 0), (2, 6), (1, 0)],  # a device without any valid position
-], ids=["all-devices-valid", "one-device-empty"])
+    [(0, 0), (0, 0), (0, 0), (0, 0)],  # no valid position anywhere: torch's empty batch
+], ids=["all-devices-valid", "one-device-empty", "all-devices-empty"])
 def test_masked_sync_under_vmap_equals_unpadded_global_batch(lengths):
     parts = [_padded(ls, seed) for seed, ls in enumerate(lengths)]
     xs = np.stack([p[0] for p in parts])  # (D, N, C, L)
