@@ -36,7 +36,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict[str, 
       ``{"params": {"weight", "bias"}, "batch_stats": {"running_mean", "running_var",
       "num_batches_tracked"}}`` as jax arrays, ready for ``module.apply``; a collection
       is left out when the layer has none of its keys. ``num_batches_tracked`` becomes
-      int32, the running statistics float32.
+      int32, the running statistics float32; where it is missing (a checkpoint from
+      PyTorch before 0.4.1), it is 0, as PyTorch loads it into a fresh layer.
 
     Raises:
       KeyError: unknown keys, or a group of keys only partly present.
@@ -55,6 +56,10 @@ def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict[str, 
         present = [k for k in keys if k in arrays]
         if not present:
             continue
+        if collection == "batch_stats" and "num_batches_tracked" not in arrays:
+            # Checkpoints from PyTorch before 0.4.1 (older torchvision weights among
+            # them) have no count; PyTorch loads them with a fresh layer's, 0.
+            arrays["num_batches_tracked"] = np.zeros((), np.int64)
         missing = [k for k in keys if k not in arrays]
         if missing:
             raise KeyError(f"state_dict has {present} but is missing {missing}")

@@ -176,6 +176,20 @@ def test_default_name_map_and_conv_bias_dense_kernel_layouts():
                                   state_dict["head.weight"].numpy().T)
 
 
+def test_checkpoint_without_num_batches_tracked_loads_with_a_fresh_count():
+    state_dict, template = _small_pair()
+    del state_dict["bn.num_batches_tracked"]
+    tmodel = tnn.Sequential()
+    tmodel.add_module("conv", tnn.Conv2d(3, 4, 3, padding=1))
+    tmodel.add_module("bn", tnn.BatchNorm2d(4))
+    tmodel.add_module("head", tnn.Linear(4, 2))
+    tmodel.load_state_dict(dict(state_dict))
+    variables = jbn.load_torch_state_dict(template, state_dict)
+    bn = variables["batch_stats"]["bn"]
+    assert int(bn["num_batches_tracked"]) == int(tmodel.bn.num_batches_tracked)
+    np.testing.assert_array_equal(bn["running_var"], tmodel.bn.running_var.numpy())
+
+
 def test_unused_torch_key_is_named():
     state_dict, template = _small_pair()
     state_dict["extra.weight"] = torch.ones(3)

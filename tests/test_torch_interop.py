@@ -77,6 +77,19 @@ def test_missing_key_raises_naming_it():
         jbn.from_torch_state_dict(state_dict)
 
 
+def test_checkpoint_without_num_batches_tracked_loads_as_torch_loads_it():
+    # PyTorch before 0.4.1 saved no count (older torchvision weights): torch's own
+    # loader accepts such a plain dict and gives the layer a fresh count.
+    state_dict = {k: v for k, v in _trained_torch_layer().state_dict().items()
+                  if k != "num_batches_tracked"}
+    fresh = torch.nn.BatchNorm2d(4)
+    fresh.load_state_dict(state_dict)
+    variables = jbn.from_torch_state_dict(state_dict)
+    for key, value in jbn.to_torch_state_dict(variables).items():
+        np.testing.assert_array_equal(value, fresh.state_dict()[key].numpy(), err_msg=key)
+    assert variables["batch_stats"]["num_batches_tracked"].dtype == jnp.int32
+
+
 def test_prefixed_or_unknown_key_raises_naming_it():
     state_dict = {"bn1." + k: v for k, v in _trained_torch_layer().state_dict().items()}
     with pytest.raises(KeyError, match="bn1.weight"):
