@@ -83,6 +83,10 @@ def check_input(x: Any, axis: int) -> int:
     return int(axis) % ndim
 
 
+# flax.linen.BatchNorm's variable names and PyTorch's (jbn's) for the same values.
+_FLAX_NAMES = {"scale": "weight", "mean": "running_mean", "var": "running_var"}
+
+
 def check_variables(params: Any, state: Any, num_channels: int, shape: tuple) -> None:
     """Checks that ``params`` and ``state`` hold PyTorch's keys with ``num_channels`` entries."""
     for name, tree, keys in (("params", params, PARAM_KEYS), ("state", state, STATE_KEYS)):
@@ -90,8 +94,15 @@ def check_variables(params: Any, state: Any, num_channels: int, shape: tuple) ->
             raise TypeError(f"{name} must be a mapping, got {type(tree).__name__}")
         present = set(tree)
         if present and present != set(keys):
+            hint = ""
+            if present & set(_FLAX_NAMES):
+                renames = ", ".join(f"{k} -> {v}" for k, v in _FLAX_NAMES.items() if k in present)
+                count = ", and num_batches_tracked" if name == "state" else ""
+                hint = (f" (flax.linen.BatchNorm's names; jbn keeps PyTorch's: "
+                        f"{renames}{count})")
             raise ValueError(
-                f"{name} must be empty or hold exactly the keys {list(keys)}, got {sorted(present)}"
+                f"{name} must be empty or hold exactly the keys {list(keys)}, got "
+                f"{sorted(present)}{hint}"
             )
         for key in keys[:2] if present else ():
             got = tuple(getattr(tree[key], "shape", ()))

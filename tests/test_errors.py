@@ -130,3 +130,12 @@ def test_state_with_missing_keys_raises():
     del state["num_batches_tracked"]
     with pytest.raises(ValueError, match="num_batches_tracked"):
         jbn.batch_norm(params, state, np.ones((4, 3), np.float32), True)
+
+
+def test_flax_batch_norm_variable_names_raise_with_the_torch_names():
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"flax.linen.BatchNorm's names.*mean -> running_mean, "
+                                         r"var -> running_var, and num_batches_tracked"):
+        jbn.batch_norm({}, {"mean": jnp.zeros(3), "var": jnp.ones(3)}, x, True)
+    with pytest.raises(ValueError, match=r"scale -> weight\b"):
+        jbn.batch_norm({"scale": jnp.ones(3), "bias": jnp.zeros(3)}, {}, x, True)
