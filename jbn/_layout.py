@@ -42,7 +42,7 @@ def block_size(dim: Any, cap: int) -> int:
     return 1 << (min(dim, cap).bit_length() - 1)
 
 
-def _on_cpu() -> bool:
+def default_on_cpu() -> bool:
     """Whether computations are placed on the CPU by default."""
     return jax.default_backend() == "cpu"
 
@@ -65,7 +65,7 @@ class RowView(NamedTuple):
         """The view for an array of ``shape`` with channels on (non-negative) ``axis``."""
         shape = tuple(shape)
         return cls(shape, axis, math.prod(shape[:axis]), shape[axis],
-                   math.prod(shape[axis + 1:]), _on_cpu())
+                   math.prod(shape[axis + 1:]), default_on_cpu())
 
     @property
     def matrix(self) -> bool:

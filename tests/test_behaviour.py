@@ -247,3 +247,25 @@ def test_empty_batch_gradients_are_zero_and_finite():
                                       mutable=["batch_stats"])
     assert y.shape == x.shape and y.dtype == jnp.bfloat16
     assert int(new["batch_stats"]["num_batches_tracked"]) == 1
+
+
+def test_direct_calls_trace_batch_norm_once_per_signature(monkeypatch):
+    # Called op by op (a notebook, a debugging session), batch_norm runs one cached
+    # program per signature instead of tracing and dispatching its pieces each time.
+    from jbn import _batch_norm
+
+    traces = []
+    original = _batch_norm._normalize_with_batch_stats
+
+    def counted(*args, **kwargs):
+        traces.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_batch_norm, "_normalize_with_batch_stats", counted)
+    params, state = jbn.init(3)
+    for seed in range(3):
+        _, state = jbn.batch_norm(params, state, _x(shape=(4, 3, 5, 7), seed=seed), True,
+                                  eps=2e-5)
+    assert len(traces) == 1
+    jbn.batch_norm(params, state, _x(shape=(4, 3, 5, 7)), True, eps=3e-5)  # a new signature
+    assert len(traces) == 2

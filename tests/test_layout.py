@@ -28,7 +28,7 @@ CASES = [
 
 @pytest.fixture(params=[True, False], ids=["matrix", "nd"])
 def matrix(request, monkeypatch):
-    monkeypatch.setattr(_layout, "_on_cpu", lambda: request.param)
+    monkeypatch.setattr(_layout, "default_on_cpu", lambda: request.param)
     return request.param
 
 
@@ -68,7 +68,7 @@ def _compare_views(monkeypatch, shape, axis):
     params = {"weight": params["weight"] * 1.5, "bias": params["bias"] + 0.25}
 
     def run(on_cpu: bool, train: bool, use_mask: bool):
-        monkeypatch.setattr(_layout, "_on_cpu", lambda: on_cpu)
+        monkeypatch.setattr(_layout, "default_on_cpu", lambda: on_cpu)
 
         def f(p, x):
             return jbn.batch_norm(p, state, x, train, axis=axis,
