@@ -4,9 +4,9 @@
 #
 #   bash benchmarks/gpu.sh OUT_DIR
 #
-# Writes to OUT_DIR: RESULTS.md (bench.py's tables, then resnet_step.py's and kernels.py's),
-# one log per step, and hlo.tar.gz (the compiled programs that kernels.py counted). Each step
-# has a time limit, so that a slow one leaves the others their time.
+# Writes to OUT_DIR: RESULTS.md (bench.py's tables, then resnet_step.py's, eager.py's and
+# kernels.py's), one log per step, and hlo.tar.gz (the compiled programs that kernels.py
+# counted). Each step has a time limit, so that a slow one leaves the others their time.
 set -uo pipefail
 out=${1:?usage: gpu.sh OUT_DIR}
 mkdir -p "$out"
@@ -23,6 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --f
 
 timeout 330 python3 benchmarks/bench.py --out "$out/RESULTS.md" 2>&1 | tee "$out/bench.log"
 timeout 180 python3 benchmarks/resnet_step.py --out "$out/RESULTS.md" 2>&1 | tee "$out/resnet.log"
+timeout 40 python3 benchmarks/eager.py --out "$out/RESULTS.md" 2>&1 | tee "$out/eager.log"
 timeout 45 python3 benchmarks/kernels.py --out "$out/RESULTS.md" --hlo-dir /tmp/jbn-hlo \
     2>&1 | tee "$out/kernels.log"
 tar czf "$out/hlo.tar.gz" -C /tmp jbn-hlo 2>/dev/null

@@ -174,3 +174,19 @@ def test_resnet_step_affine_network_normalizes_no_sample_by_the_others():
             return model.apply(variables, x, train=True, mutable=["batch_stats"])[0]
         alone[kind] = np.allclose(train(x)[:1], train(x[:1]), rtol=1e-5, atol=1e-6)
     assert alone == {"affine": True, "jbn": False}
+
+
+def test_eager_benchmark_times_every_implementation_in_both_modes(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eager.py"), "--quick",
+                    "--out", str(out)], check=True, env=env, cwd=ROOT, timeout=300,
+                   capture_output=True)
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()
+            if re.match(r"\| \d+x", line)]
+    impls = {"jbn.batch_norm", "jbn.BatchNorm2d", "flax BatchNorm", "torch"}
+    assert {(r[1].strip(), r[2].strip()) for r in rows} == {
+        (m, i) for m in ("train", "eval") for i in impls}
+    assert all(float(r[4]) > 0 for r in rows)
+    # The core's own row is the ratio's denominator.
+    assert all(float(r[5]) == 1 for r in rows if r[2].strip() == "jbn.batch_norm")
