@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -82,13 +83,15 @@ class _BatchNorm(nn.Module):
         if unbatched:
             x = x[None]
             mask = None if mask is None else jnp.asarray(mask)[None]
-        c = self.num_features
+        channels = x.shape[_checks.check_input(x, self.axis)]
+        if channels != self.num_features:
+            raise ValueError(f"the input has {channels} channels (shape {x.shape}), but the "
+                             f"module has num_features={self.num_features}")
         params = {}
         if self.affine:
-            params = {
-                "weight": self.param("weight", nn.initializers.ones, (c,), self.param_dtype),
-                "bias": self.param("bias", nn.initializers.zeros, (c,), self.param_dtype),
-            }
+            params = {"weight": self._param("weight", nn.initializers.ones),
+                      "bias": self._param("bias", nn.initializers.zeros)}
+        c = self.num_features
         variables = {}
         if self.track_running_stats:
             variables = {
@@ -118,6 +121,18 @@ class _BatchNorm(nn.Module):
             for key, var in variables.items():
                 var.value = new_state[key]
         return y[0] if unbatched else y
+
+
+    def _param(self, name: str, init: Callable) -> jax.Array:
+        """The parameter ``name``, created with ``init`` as ``(num_features,)`` if missing.
+
+        An existing value is read as it is: Flax's ``param`` would trace ``init``
+        on every call to check its shape (about half of an eager call's time), and
+        ``batch_norm`` checks it against the input's channels anyway.
+        """
+        if self.has_variable("params", name):
+            return nn.meta.unbox(self.get_variable("params", name))
+        return self.param(name, init, (self.num_features,), self.param_dtype)
 
 
 class BatchNorm1d(_BatchNorm):

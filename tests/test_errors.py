@@ -41,6 +41,11 @@ def test_channel_count_mismatch_names_both_counts(affine, track):
 def test_module_channel_count_mismatch_names_both_counts():
     with pytest.raises(ValueError, match=r"3 channels.*num_features=4"):
         jbn.BatchNorm1d(4).init(jax.random.key(0), jnp.ones((2, 3)), train=False)
+    # Variables that fit the input but not the module are refused too.
+    variables = jbn.BatchNorm1d(3).init(jax.random.key(0), jnp.ones((2, 3)), train=False)
+    for affine in (True, False):
+        with pytest.raises(ValueError, match=r"3 channels.*num_features=4"):
+            jbn.BatchNorm1d(4, affine=affine).apply(variables, jnp.ones((2, 3)), train=False)
 
 
 @pytest.mark.parametrize(
