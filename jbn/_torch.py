@@ -95,6 +95,8 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
       ``weight``, ``bias``, ``running_mean``, ``running_var`` (``(C,)``) and
       ``num_batches_tracked`` (``()`` int64). Load with
       ``bn.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``.
+      bfloat16 parameters come as float32 arrays holding the same values (numpy has
+      no bfloat16 that torch reads); ``load_state_dict`` converts them back exactly.
     """
     unknown = sorted(set(variables) - {"params", "batch_stats"})
     if unknown:
@@ -112,7 +114,8 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
                 f"missing {missing}, unexpected {extra}"
             )
         for k in keys:
-            state_dict[k] = np.array(tree[k])
+            value = np.array(tree[k])
+            state_dict[k] = value.astype(np.float32) if value.dtype == jnp.bfloat16 else value
     if "num_batches_tracked" in state_dict:
         state_dict["num_batches_tracked"] = state_dict["num_batches_tracked"].astype(np.int64)
     return state_dict

@@ -62,6 +62,22 @@ def test_flax_variables_round_trip_through_torch():
         assert a.dtype == b.dtype
 
 
+def test_bfloat16_parameters_round_trip_through_torch_exactly():
+    layer = _trained_torch_layer().to(torch.bfloat16)
+    variables = jbn.from_torch_state_dict(layer.state_dict())
+    assert variables["params"]["weight"].dtype == jnp.bfloat16
+    module = jbn.BatchNorm2d(4, param_dtype=jnp.bfloat16)
+    state_dict = jbn.to_torch_state_dict(variables)
+    fresh = torch.nn.BatchNorm2d(4).to(torch.bfloat16)
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
+    for key, value in layer.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    initial = module.init(jax.random.key(0), jnp.ones((2, 4, 3, 3)), train=False)
+    fresh.load_state_dict({k: torch.from_numpy(v)
+                           for k, v in jbn.to_torch_state_dict(initial).items()})
+    assert torch.equal(fresh.weight, torch.ones(4, dtype=torch.bfloat16))
+
+
 def test_numpy_arrays_are_accepted():
     state_dict = {k: v.numpy() for k, v in _trained_torch_layer().state_dict().items()}
     variables = jbn.from_torch_state_dict(state_dict)
