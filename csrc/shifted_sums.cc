@@ -4,9 +4,8 @@
 // passed as (B..., P, C * Q) with the attribute q = Q),
 // each kernel takes two sums per (b, c) over p and q in ONE pass over its inputs:
 //
-// jbn_shifted_sums, the batch statistics: for x, a shift near the mean (the mean of
-// a corner block of up to 8 values of the channel, a power of two of them: the
-// first values of the channel's first rows), and
+// jbn_shifted_sums, the batch statistics: for x, a shift near the mean (the ninther
+// of nine of the channel's values sampled across the batch, see Shifts), and
 //
 //   s1[b, c] = sum_{p, q} d,   s2[b, c] = sum_{p, q} d * d,   d = x[b, p, c, q] - shift[b, c];
 //
@@ -255,40 +254,55 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t threads, F task) {
 // Values per parallel task: below this, scheduling costs more than it saves.
 constexpr int64_t kTaskValues = 1 << 15;
 
-inline int64_t PowerOfTwoAtMost(int64_t n) {
-  int64_t p = 1;
-  while (2 * p <= n) p *= 2;
-  return p;
+// Values per channel whose ninther is the shift (jbn/_ninther.py's SAMPLES).
+constexpr int64_t kSamples = 9;
+
+inline float Median3(float a, float b, float c) {
+  return std::max(std::min(a, b), std::min(std::max(a, b), c));
 }
 
-// Values per channel whose mean is the shift. The shift takes away the data's mean,
-// however large; what is left, about std / 3 from the batch mean with 8 values,
-// costs the shifted sums well under a bit, as they are added in float64. (jbn's XLA
-// path takes 64 values, as it adds in float32.) Few values keep this read short
-// where a channel has few values in all (NHWC 7x7 at batch 2: 98).
-constexpr int64_t kShiftValues = 8;
-
-// shift[b, c]: the mean of x[b, p, c, q] over p < P0, q < Q0, both powers of two.
+// Channels [k0, k1) of matrix i: n sampled values each, at offset[j] from the channel's first.
 template <typename T>
-JBN_CLONES void Shifts(const T* x, int64_t b, int64_t p, int64_t c, int64_t q, float* shift) {
-  const int64_t q0 = PowerOfTwoAtMost(std::min(q, kShiftValues));
-  const int64_t p0 = PowerOfTwoAtMost(std::min(p, std::max<int64_t>(1, kShiftValues / q0)));
-  const double scale = 1.0 / double(p0 * q0);
-  std::vector<double> acc(static_cast<size_t>(c));
-  for (int64_t i = 0; i < b; ++i) {
-    std::fill(acc.begin(), acc.end(), 0.0);
-    for (int64_t j = 0; j < p0; ++j) {
-      const T* block = x + (i * p + j) * c * q;
-      if (q == 1) {  // a row of channels: one vector loop
-        for (int64_t k = 0; k < c; ++k) acc[k] += ToFloat(block[k]);
-        continue;
-      }
-      for (int64_t k = 0; k < c; ++k) {
-        for (int64_t l = 0; l < q0; ++l) acc[k] += ToFloat(block[k * q + l]);
-      }
-    }
-    for (int64_t k = 0; k < c; ++k) shift[i * c + k] = float(acc[k] * scale);
+JBN_CLONES void ShiftRange(const T* x, int64_t p, int64_t c, int64_t q, const int64_t* offset,
+                           int64_t n, int64_t i, int64_t k0, int64_t k1, float* shift) {
+  const T* xb = x + i * p * c * q;
+  for (int64_t k = k0; k < k1; ++k) {
+    const T* xc = xb + k * q;
+    float v[kSamples];
+    for (int64_t j = 0; j < n; ++j) v[j] = ToFloat(xc[offset[j]]);
+    shift[i * c + k] = n == 1 ? v[0]
+                              : Median3(Median3(v[0], v[1], v[2]), Median3(v[3], v[4], v[5]),
+                                        Median3(v[6], v[7], v[8]));
   }
+}
+
+// Channels per parallel task of Shifts.
+constexpr int64_t kShiftChannels = 256;
+
+// shift[b, c]: the ninther (median of three medians of three) of three runs of three
+// consecutive values among the channel's R = P * Q values in row-major order (p, q),
+// centred at (2i + 1) * R / 6, i < 3: the centres of the batch's thirds. With R < 9,
+// the value at R / 2. A value of the data near the bulk of it, whatever its first
+// values (see jbn/_ninther.py), read from nine rows of channels (Q == 1) or from
+// three short runs per channel.
+template <typename T>
+void Shifts(ffi::ThreadPool& pool, const T* x, int64_t b, int64_t p, int64_t c, int64_t q,
+            float* shift) {
+  const int64_t r = p * q;
+  const int64_t n = r < kSamples ? 1 : kSamples;
+  int64_t offset[kSamples];  // of each sampled value from its channel's first value
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t at = n == 1 ? r / 2 : (2 * (j / 3) + 1) * r / 6 + j % 3 - 1;
+    offset[j] = at / q * c * q + at % q;
+  }
+  // Nine short reads per channel, scattered with channels first: in parallel where
+  // there are many channels.
+  const int64_t chunks = (c + kShiftChannels - 1) / kShiftChannels;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  ParallelFor(pool, b * chunks, threads, [=](int64_t t) {
+    const int64_t i = t / chunks, k0 = (t % chunks) * kShiftChannels;
+    ShiftRange<T>(x, p, c, q, offset, n, i, k0, std::min(c, k0 + kShiftChannels), shift);
+  });
 }
 
 // Op's two sums per (b, c) over p and q, for inputs of shape (B, P, C, Q) against
@@ -415,7 +429,7 @@ ffi::Error ShiftedSums(ffi::ThreadPool pool, int64_t q, ffi::AnyBuffer x,
   return WithElementType(x.element_type(), [&](auto type) {
     using T = Pointee<decltype(type)>;
     const T* xp = reinterpret_cast<const T*>(x.untyped_data());
-    Shifts<T>(xp, d.b, d.p, d.c, d.q, sp);
+    Shifts<T>(pool, xp, d.b, d.p, d.c, d.q, sp);
     ChannelSums(pool, Squares<T>{xp}, d.b, d.p, d.c, d.q, sp, o1, o2);
     return ffi::Error::Success();
   });

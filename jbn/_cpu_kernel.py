@@ -32,14 +32,12 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
-from jbn._layout import block_size
+from jbn import _ninther
 
 _SHIFTED_SUMS = "jbn_shifted_sums"
 _DOT_SUMS = "jbn_dot_sums"
 # Input dtypes the kernel reads.
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-# Values per channel whose mean is the kernel's shift (the csrc's kShiftValues).
-_SHIFT_VALUES = 8
 
 
 @functools.cache
@@ -67,8 +65,8 @@ def shifted_sums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         NCHW batch as ``(N, C, H * W)``, an NHWC one as ``(N * H * W, C, 1)``.
 
     Returns:
-      ``(shift, s1, s2)``, each ``(C,)`` float32: the mean of up to 8 of the
-      channel's first values (a power of two of them), ``sum(x - shift)`` and
+      ``(shift, s1, s2)``, each ``(C,)`` float32: the ninther of nine values
+      sampled across ``P`` and ``Q`` (:mod:`jbn._ninther`), ``sum(x - shift)`` and
       ``sum((x - shift)^2)`` over ``P`` and ``Q``. Under ``vmap`` the mapped axes
       lead ``x`` and every output.
     """
@@ -111,10 +109,7 @@ def _unflat(x: jax.Array, q: int) -> jax.Array:
 def _xla_shifted_sums(x: jax.Array, *, q: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The kernel's ``(shift, s1, s2)`` as XLA operations, for ``x`` ``(..., P, C * Q)``."""
     x = _unflat(x, q)
-    q0 = block_size(q, _SHIFT_VALUES)
-    p0 = block_size(x.shape[-3], max(1, _SHIFT_VALUES // q0))
-    # A power of two of values: the scaling is exact.
-    shift = jnp.sum(x[..., :p0, :, :q0], axis=(-3, -1)) * (1.0 / (p0 * q0))
+    shift = _ninther.ninther([x[..., i, :, j] for i, j in _ninther.sample_indices((x.shape[-3], q))])
     d = x - shift[..., None, :, None]
     return shift, jnp.sum(d, axis=(-3, -1)), jnp.sum(d * d, axis=(-3, -1))
 

@@ -31,17 +31,6 @@ def channel_shape(ndim: int, axis: int) -> tuple[int, ...]:
     return tuple(-1 if i == axis else 1 for i in range(ndim))
 
 
-def block_size(dim: Any, cap: int) -> int:
-    """The largest power of two not above ``dim`` (an axis's length) or ``cap >= 1``.
-
-    A symbolic ``dim`` (a program exported for any batch size) is at least 1 and
-    may be 1: its block size is 1.
-    """
-    if is_symbolic_dim(dim):
-        return 1
-    return 1 << (min(dim, cap).bit_length() - 1)
-
-
 def default_on_cpu() -> bool:
     """Whether computations are placed on the CPU by default."""
     return jax.default_backend() == "cpu"

@@ -2,12 +2,12 @@
 
 The naive one-pass variance ``E[x^2] - E[x]^2`` loses every digit when the data's
 mean is large against its spread. Here every value is first shifted by a per-channel
-estimate of the mean (the mean of a corner block of up to 64 values per channel),
-so the sums ``S1 = sum(x - shift)`` and ``S2 = sum((x - shift)^2)`` are of numbers
-near zero, and both are taken in the same pass. The normalization then starts from
-the exact ``x - shift`` and takes away the small ``offset = S1 / n`` (folded into the
-bias), which keeps the output within a few float32 ulps of a float64 computation
-whatever the data's mean. On the CPU, where it was built, jbn's kernel
+estimate of the centre (a median of nine values sampled across the batch, see
+:mod:`jbn._ninther`), so the sums ``S1 = sum(x - shift)`` and ``S2 = sum((x - shift)^2)``
+are of numbers near zero, and both are taken in the same pass. The normalization
+then starts from the exact ``x - shift`` and takes away the small ``offset = S1 / n``
+(folded into the bias), which keeps the output within a few float32 ulps of a
+float64 computation whatever the data's mean. On the CPU, where it was built, jbn's kernel
 (:mod:`jbn._cpu_kernel`) takes the shift and both sums in one pass.
 
 Across devices each device contributes ``(count, shift, offset, M2)`` to ONE
@@ -27,14 +27,12 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jbn import _cpu_kernel
-from jbn._layout import RowView, block_size
+from jbn import _ninther
+from jbn._layout import RowView
 
 # Name given to every O(C) statistic, so that a rematerialized backward pass keeps
 # them and recomputes only elementwise values from the input.
 STATS_NAME = "jbn_batch_stats"
-# Values per channel whose mean is the shift: its distance from the batch mean is then
-# about std / 8, so the shifted sums lose at most a bit or two.
-SHIFT_VALUES = 64
 
 
 class Moments(NamedTuple):
@@ -52,33 +50,29 @@ class Moments(NamedTuple):
 
 
 def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
-    """A per-channel value near the mean: ``(C,)``, without gradient."""
+    """A per-channel value near the mean: ``(C,)``, without gradient (see :mod:`jbn._ninther`).
+
+    With a mask, sampled positions that are not valid take the value at the first
+    valid position (position 0 if there is none). A symbolic length (a program
+    exported for any batch size) is sampled at index 0 only.
+    """
     reduced = [i for i in range(x.ndim) if i != axis]
-    if mask is None:
-        if not reduced:
-            return jax.lax.stop_gradient(x)
-        # A small corner block of SHIFT_VALUES values per channel (fewer in a small
-        # batch): the trailing reduced axes first, so it is nearly contiguous in
-        # memory, and a cheap read whatever the batch size. Its size is a power of
-        # two, so that scaling by ``1 / size`` is exact: XLA may recompute the shift
-        # inside a later fusion, and with a multiply-add there a rounded product
-        # would make it differ from the shift the sums were taken around, moving
-        # every output of the channel (by 4e-4 at a mean of 1e4).
-        index = [slice(None)] * x.ndim
-        taken = 1
-        for i in reversed(reduced):
-            k = block_size(x.shape[i], -(-SHIFT_VALUES // taken))
-            index[i] = slice(0, k)
-            taken *= k
-        # Each value is scaled before the sum, so that the sum is the mean and the
-        # shift one reduction kernel, not a reduction and then a kernel to divide.
-        block = x[tuple(index)] * jnp.asarray(1 / taken, x.dtype)
-        return jax.lax.stop_gradient(jnp.sum(block, axis=tuple(reduced)))
-    # With a mask, the value at the first valid position (position 0 if there is none).
-    first = jnp.argmax(mask.reshape(-1))
-    index = jnp.unravel_index(first, mask.shape)
-    moved = jnp.moveaxis(x, axis, -1)
-    return jax.lax.stop_gradient(moved[index])
+    if not reduced:
+        return jax.lax.stop_gradient(x)
+    where = _ninther.sample_indices([x.shape[i] for i in reduced])
+
+    def at(array: jax.Array, idx: tuple, channels: bool) -> jax.Array:
+        index: list[Any] = list(idx)
+        if channels:
+            index.insert(axis, slice(None))
+        return array[tuple(index)]
+
+    values = [at(x, idx, True) for idx in where]
+    if mask is not None:
+        first = jnp.unravel_index(jnp.argmax(mask.reshape(-1)), mask.shape)
+        fallback = jnp.moveaxis(x, axis, -1)[first]
+        values = [jnp.where(at(mask, idx, False), v, fallback) for v, idx in zip(values, where)]
+    return jax.lax.stop_gradient(_ninther.ninther(values))
 
 
 def _centred(view: RowView, rows: jax.Array, shift: jax.Array,

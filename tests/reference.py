@@ -107,3 +107,18 @@ def batch_var(x: np.ndarray) -> np.ndarray:
     """Biased per-channel variance of a channels-first batch, in float64."""
     x = np.asarray(x, np.float64)
     return x.var(tuple(i for i in range(x.ndim) if i != 1))
+
+
+def ninther_shift(x: np.ndarray, axis: int) -> np.ndarray:
+    """jbn's shift per channel, as documented: Tukey's ninther of nine values.
+
+    The channel's values in row-major order over the other axes; three runs of three
+    consecutive ones centred at ``(2i + 1) * R // 6``; the median of the runs'
+    medians. With fewer than nine values, the middle one.
+    """
+    values = np.moveaxis(np.asarray(x), axis, -1).reshape(-1, x.shape[axis])
+    r = values.shape[0]
+    if r < 9:
+        return values[r // 2]
+    sample = values[[(2 * i + 1) * r // 6 + j for i in range(3) for j in (-1, 0, 1)]]
+    return np.median(np.median(sample.reshape(3, 3, -1), axis=1), axis=0)

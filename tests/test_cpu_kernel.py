@@ -12,6 +12,7 @@ import pytest
 
 import jbn
 from jbn import _cpu_kernel
+from reference import ninther_shift
 
 
 @pytest.fixture
@@ -44,12 +45,9 @@ SHAPES = [(2, 5, 3136), (3, 4, 1000), (4, 2, 7), (6272, 64, 1), (33, 3, 1), (70,
 CHUNKED = (2100, 523, 1)
 
 
-def _corner_mean(x: np.ndarray) -> np.ndarray:
-    """The shift the kernel documents: the mean of a power-of-two corner block."""
-    p, _, q = x.shape
-    q0 = 1 << (min(q, 8).bit_length() - 1)
-    p0 = 1 << (min(p, max(1, 8 // q0)).bit_length() - 1)
-    return x[:p0, :, :q0].mean(axis=(0, 2))
+def _assert_shift(shift: jax.Array, x64: np.ndarray) -> None:
+    """The shift the kernel documents: the ninther of nine of the channel's values."""
+    np.testing.assert_array_equal(shift, ninther_shift(x64, 1).astype(np.float32))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -59,7 +57,7 @@ def test_kernel_sums_match_float64_at_a_large_mean(kernel, shape, dtype):
     x = jnp.asarray(rng.standard_normal(shape) * 3 + 1e4, dtype)
     shift, s1, s2 = jax.jit(kernel.shifted_sums)(x)
     x64 = np.asarray(x, np.float64)
-    np.testing.assert_allclose(shift, _corner_mean(x64), rtol=2**-24)
+    _assert_shift(shift, x64)
     d = x64 - np.asarray(shift, np.float64)[None, :, None]
     e1, e2 = d.sum((0, 2)), (d * d).sum((0, 2))
     # The exact sums of the float32 d, rounded once to float32 (two ulps), up to an
@@ -102,7 +100,7 @@ def test_kernel_sums_over_several_chunks_of_channels(kernel, dtype):
     x = jnp.asarray(np.random.default_rng(10).standard_normal(CHUNKED) * 3 + 1e4, dtype)
     shift, s1, s2 = jax.jit(kernel.shifted_sums)(x)
     x64 = np.asarray(x, np.float64)
-    np.testing.assert_allclose(shift, _corner_mean(x64), rtol=2**-24)
+    _assert_shift(shift, x64)
     d = x64 - np.asarray(shift, np.float64)[None, :, None]  # exact in float32
     _assert_float32_blocked_sum(s1, d)
     _assert_float32_blocked_sum(s2, d * d)
@@ -413,9 +411,8 @@ def test_sums_lowered_without_the_kernel_match_it_under_vmap(kernel, name):
     assert _kernel_calls(exported.mlir_module()) == []
     xla, here = exported.call(*args), fn(*args)
     if name == "shifted_sums":
-        # The shifts may differ by an ulp (a float32 sum of the corner block against
-        # the kernel's float64 one): compare what does not depend on them, the mean
-        # and the sum of squared deviations.
+        # The same shift (a value of the data), sums added in other orders: compare
+        # the mean and the sum of squared deviations.
         n = x.shape[1] * x.shape[3]
         xla, here = ([shift + s1 / n, s2 - s1 * s1 / n] for shift, s1, s2 in (xla, here))
     for a, b in zip(xla, here):
@@ -429,7 +426,7 @@ def test_sums_lowered_without_the_kernel_match_float64_at_a_large_mean(kernel, s
     x = jnp.asarray(np.random.default_rng(14).standard_normal(shape) * 3 + 1e4, jnp.float32)
     shift, s1, s2 = export.export(jax.jit(kernel.shifted_sums), platforms=["cpu"])(x).call(x)
     x64 = np.asarray(x, np.float64)
-    np.testing.assert_allclose(shift, _corner_mean(x64), rtol=2**-23)
+    _assert_shift(shift, x64)
     d = x64 - np.asarray(shift, np.float64)[None, :, None]
     # Float32 sums in any order: off by at most n ulps of the sum of the magnitudes.
     n = shape[0] * shape[2]

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import jbn
+from jbn import _cpu_kernel
+from reference import ninther_shift
 
 
 def _float64_normalize(x: np.ndarray, axis: int, eps: float = 1e-5) -> np.ndarray:
@@ -106,19 +108,83 @@ def test_output_dtype_argument_overrides_the_input_dtype():
     assert y.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("shape, axis, block", [
-    ((8, 4, 16, 16), 1, (slice(0, 1), slice(None), slice(0, 4), slice(0, 16))),
-    ((8, 16, 16, 4), 3, (slice(0, 1), slice(0, 4), slice(0, 16), slice(None))),
-    ((3, 4, 5, 6), 1, (slice(0, 2), slice(None), slice(0, 4), slice(0, 4))),
-    ((100, 4), 1, (slice(0, 64), slice(None))),
-])
-def test_shift_is_the_mean_of_a_power_of_two_corner_block(shape, axis, block):
-    # Integer values sum exactly in float32, so the shift must equal the float64 mean of
-    # the block (the trailing reduced axes first, up to 64 values, a power of two of them).
+@pytest.mark.parametrize("shape, axis", [((8, 4, 16, 16), 1), ((8, 16, 16, 4), 3),
+                                         ((3, 4, 5, 6), 1), ((100, 4), 1), ((2, 3, 2, 2), 1),
+                                         ((4, 3, 2), 0)])
+def test_shift_is_the_ninther_of_nine_values_spread_over_the_batch(shape, axis):
     from jbn._stats import _shift
 
-    x = np.random.default_rng(0).integers(-1000, 1000, shape).astype(np.float32) + 1e4
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 3 + 1e4
     shift = np.asarray(jax.jit(lambda x: _shift(x, axis, None))(jnp.asarray(x)))
-    reduced = tuple(i for i in range(len(shape)) if i != axis)
-    expected = x[block].astype(np.float64).mean(reduced)
-    np.testing.assert_array_equal(shift, expected.astype(np.float32))
+    np.testing.assert_array_equal(shift, ninther_shift(x, axis))
+
+
+def test_masked_shift_samples_the_same_values_invalid_ones_replaced_by_the_first_valid():
+    from jbn._stats import _shift
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 3, 10)).astype(np.float32) + 100
+    mask = rng.random((6, 10)) < 0.5
+    mask[0, :4] = False  # the first valid value is x[0, :, 4]
+    mask[0, 4] = True
+    shift = np.asarray(jax.jit(lambda x, m: _shift(x, 1, m))(jnp.asarray(x), jnp.asarray(mask)))
+    filled = np.where(mask[:, None, :], x, x[0, :, 4][None, :, None])
+    np.testing.assert_array_equal(shift, ninther_shift(filled, 1))
+
+
+def _atypical_start(shape, axis, mean):
+    """Data of std 1 around ``mean`` whose first values per channel lie far below it."""
+    x = np.random.default_rng(2).standard_normal(shape) + mean
+    moved = np.moveaxis(x, axis, -1).copy()  # the channel's values in row-major order
+    moved.reshape(-1, shape[axis])[:64] = 0.0
+    return np.moveaxis(moved, -1, axis).astype(np.float32)
+
+
+@pytest.mark.parametrize("path", ["kernel", "xla", "mask", "export"])
+@pytest.mark.parametrize("shape, axis", [((64, 2, 4096), 1), ((16, 4, 32, 32), 1),
+                                         ((16, 32, 32, 4), -1)])
+def test_statistics_stay_exact_when_the_first_values_are_far_from_the_mean(monkeypatch, path,
+                                                                           shape, axis):
+    # Padding or outliers at the start of the batch: a shift taken from the first
+    # values would leave the shifted sums to cancel as the naive formula's do.
+    x = _atypical_start(shape, axis, 1e4)
+    c = shape[axis]
+    reduced = tuple(i for i in range(len(shape)) if i != axis % len(shape))
+
+    def step(x):
+        mask = jnp.ones([shape[i] for i in reduced], bool) if path == "mask" else None
+        return jbn.batch_norm(*jbn.init(c), x, True, axis=axis, mask=mask)
+
+    if path == "xla":
+        monkeypatch.setattr(_cpu_kernel, "available", lambda: False)
+    if path == "export":
+        from jax import export
+
+        y, state = export.export(jax.jit(step), platforms=["cpu"])(x).call(x)
+    else:
+        y, state = jax.jit(step)(x)
+    # The zeros lie up to 64 standard deviations out: float32 resolution there is
+    # relative to the output's size, as in the parity tests.
+    expected = _float64_normalize(x, axis)
+    error = np.abs(np.asarray(y, np.float64) - expected).max()
+    assert error <= 2e-6 * np.abs(expected).max(), f"max error {error:.3g}"
+    n = x.size // c
+    unbiased = x.astype(np.float64).var(reduced) * n / (n - 1)
+    np.testing.assert_allclose(state["running_var"], 0.9 + 0.1 * unbiased, rtol=1e-6)
+
+
+def test_masked_statistics_stay_exact_with_an_outlier_at_the_first_valid_position():
+    rng = np.random.default_rng(3)
+    lengths = np.array([3, 50, 17, 64, 1, 40, 64, 9])
+    x = (rng.standard_normal((8, 2, 64)) + 1000).astype(np.float32)
+    mask = np.arange(64)[None, :] < lengths[:, None]
+    x[0, :, 0] = 0.0  # the first valid value: an outlier 1000 std away
+    x = np.where(mask[:, None, :], x, 5e3).astype(np.float32)  # junk in the padding
+    y, state = jax.jit(lambda x, m: jbn.batch_norm(*jbn.init(2), x, True, mask=m))(
+        jnp.asarray(x), jnp.asarray(mask))
+    valid = np.moveaxis(x, 1, -1)[mask].astype(np.float64)  # (M, C)
+    expected = (valid - valid.mean(0)) / np.sqrt(valid.var(0) + 1e-5)
+    error = np.abs(np.moveaxis(np.asarray(y, np.float64), 1, -1)[mask] - expected).max()
+    assert error <= 2e-6, f"max error {error:.3g}"
+    unbiased = valid.var(0, ddof=1)
+    np.testing.assert_allclose(state["running_var"], 0.9 + 0.1 * unbiased, rtol=1e-6)
