@@ -109,7 +109,8 @@ def _unflat(x: jax.Array, q: int) -> jax.Array:
 def _xla_shifted_sums(x: jax.Array, *, q: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The kernel's ``(shift, s1, s2)`` as XLA operations, for ``x`` ``(..., P, C * Q)``."""
     x = _unflat(x, q)
-    shift = _ninther.ninther([x[..., i, :, j] for i, j in _ninther.sample_indices((x.shape[-3], q))])
+    sample = _ninther.sample_indices((x.shape[-3], q))
+    shift = _ninther.ninther([x[..., i, :, j] for i, j in sample])
     d = x - shift[..., None, :, None]
     return shift, jnp.sum(d, axis=(-3, -1)), jnp.sum(d * d, axis=(-3, -1))
 

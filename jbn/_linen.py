@@ -122,7 +122,6 @@ class _BatchNorm(nn.Module):
                 var.value = new_state[key]
         return y[0] if unbatched else y
 
-
     def _param(self, name: str, init: Callable) -> jax.Array:
         """The parameter ``name``, created with ``init`` as ``(num_features,)`` if missing.
 

@@ -26,8 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jbn import _cpu_kernel
-from jbn import _ninther
+from jbn import _cpu_kernel, _ninther
 from jbn._layout import RowView
 
 # Name given to every O(C) statistic, so that a rematerialized backward pass keeps
