@@ -211,7 +211,9 @@ def global_moments(
     counts, shifts, offsets, m2s = (gathered[:, k] for k in range(4))  # each (D, C)
     # Reference: the shift of the first device that holds any value.
     ref = shifts[jnp.argmax(counts[:, 0] > 0)]
-    deltas = (shifts - ref) + offsets  # each device's mean relative to ref
+    # Each device's mean relative to ref; 0 for a device without a valid value, whose
+    # shift is padding (1e20 or NaN there would make 0 * inf a NaN below).
+    deltas = jnp.where(counts > 0, (shifts - ref) + offsets, 0)
     total = jnp.sum(counts, axis=0)
     ref_offset = jnp.sum(counts * deltas, axis=0) / jnp.maximum(total, 1)
     m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(deltas - ref_offset), axis=0)

@@ -147,3 +147,23 @@ def test_masked_sync_under_pmap_equals_unpadded_global_batch():
     got = np.concatenate([_valid(np.asarray(y), m) for y, m in zip(ys, masks)])
     np.testing.assert_allclose(got, expected.detach().numpy(), RTOL, ATOL)
     _assert_state(jax.tree.map(lambda a: a[0], states), tbn)
+
+
+@pytest.mark.parametrize("padding", [1e20, np.nan], ids=["huge", "nan"])
+def test_device_without_valid_values_contributes_nothing_whatever_its_padding(padding):
+    parts = [_padded(ls, seed) for seed, ls in enumerate([(0, 0), (5, 3), (7, 2)])]
+    xs = np.stack([p[0] for p in parts])
+    xs[0] = padding  # the empty device's whole batch
+    masks = np.stack([p[1] for p in parts])
+    tbn = _torch_bn()
+    expected = tbn(torch.from_numpy(np.concatenate([_valid(x, m) for x, m in zip(xs, masks)])))
+    params = _params(tbn)
+
+    def step(x, m):
+        return jbn.batch_norm(params, jbn.init(C)[1], x, True, mask=m, axis_name="d")
+
+    ys, states = jax.vmap(step, axis_name="d")(jnp.asarray(xs), jnp.asarray(masks))
+    got = np.concatenate([_valid(np.asarray(y), m) for y, m in zip(ys, masks)])
+    np.testing.assert_allclose(got, expected.detach().numpy(), RTOL, ATOL)
+    for d in range(3):
+        _assert_state(jax.tree.map(lambda a: a[d], states), tbn)
