@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -119,6 +120,14 @@ def check_variables(params: Any, state: Any, num_channels: int, shape: tuple) ->
         )
 
 
+def _same_or_one(length: Any, target: Any) -> bool:
+    """Whether an axis of ``length`` broadcasts to ``target`` (either may be symbolic)."""
+    try:
+        return bool(length == target) or bool(length == 1)
+    except jax.errors.InconclusiveDimensionOperation:
+        return False
+
+
 def check_mask(mask: Any, shape: tuple, channel_axis: int) -> tuple:
     """Checks a validity mask against the input's shape without its channel axis.
 
@@ -130,10 +139,9 @@ def check_mask(mask: Any, shape: tuple, channel_axis: int) -> tuple:
     dtype = getattr(mask, "dtype", None)
     if dtype is None or dtype != jnp.bool_:
         raise TypeError(f"mask must be a boolean array, got {dtype or type(mask).__name__}")
-    try:
-        ok = len(mshape) == len(target) and np.broadcast_shapes(mshape, target) == target
-    except ValueError:
-        ok = False
+    # Each axis equal to the input's or 1; compared one by one, as symbolic lengths (a
+    # program exported for any batch size) compare with each other but not in numpy.
+    ok = len(mshape) == len(target) and all(_same_or_one(m, t) for m, t in zip(mshape, target))
     if not ok:
         raise ValueError(
             f"mask must have the input's shape without its channel axis, {target} (or broadcast "

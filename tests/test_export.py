@@ -102,3 +102,26 @@ def test_module_exported_for_any_batch_size_updates_its_batch_stats_as_jitted():
         for got, want in zip(jax.tree.leaves(exported.call(variables, x)),
                              jax.tree.leaves(jax.jit(step)(variables, x))):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["positions", "samples"])
+def test_masked_program_exported_for_any_batch_size_matches_torch_on_the_valid_values(per_sample):
+    params, state = _variables()
+    b, = export.symbolic_shape("b")
+    mask_shape = (b, 1) if per_sample else (b, 7)
+    fn = jax.jit(lambda p, s, x, m: jbn.batch_norm(p, s, x, True, mask=m))
+    exported = export.export(fn)(params, state, jax.ShapeDtypeStruct((b, C, 7), jnp.float32),
+                                 jax.ShapeDtypeStruct(mask_shape, jnp.bool_))
+    rng = np.random.default_rng(4)
+    for n in (3, 6):
+        x = (rng.standard_normal((n, C, 7)) * 2 + 1).astype(np.float32)
+        mask = rng.random((n, 1 if per_sample else 7)) < 0.6
+        mask[0] = True
+        y, new = exported.call(params, state, x, mask)
+        full = np.broadcast_to(mask, (n, 7))
+        valid = np.moveaxis(x, 1, -1)[full]  # (M, C): torch's batch of the valid values
+        expected, expected_state = _torch(params, state, valid, 1, True)
+        np.testing.assert_allclose(np.moveaxis(np.asarray(y), 1, -1)[full], expected,
+                                   rtol=1e-5, atol=1e-5)
+        for key, value in expected_state.items():
+            np.testing.assert_allclose(new[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
