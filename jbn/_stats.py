@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.export import is_symbolic_dim
 
 from jbn import _cpu_kernel, _ninther
 from jbn._layout import RowView
@@ -51,8 +52,8 @@ class Moments(NamedTuple):
 def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
     """A per-channel value near the mean: ``(C,)``, without gradient (see :mod:`jbn._ninther`).
 
-    With a mask, sampled positions that are not valid take the value at the first
-    valid position (position 0 if there is none). A symbolic length (a program
+    With a mask, a sampled position that is not valid takes the value at the last
+    valid position before it. A symbolic length (a program
     exported for any batch size) is sampled at index 0 only.
     """
     reduced = [i for i in range(x.ndim) if i != axis]
@@ -66,12 +67,37 @@ def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
             index.insert(axis, slice(None))
         return array[tuple(index)]
 
-    values = [at(x, idx, True) for idx in where]
-    if mask is not None:
-        first = jnp.unravel_index(jnp.argmax(mask.reshape(-1)), mask.shape)
-        fallback = jnp.moveaxis(x, axis, -1)[first]
-        values = [jnp.where(at(mask, idx, False), v, fallback) for v, idx in zip(values, where)]
+    if mask is None:
+        values = [at(x, idx, True) for idx in where]
+    else:
+        values = _valid_values_at_or_before(x, axis, mask, where)
     return jax.lax.stop_gradient(_ninther.ninther(values))
+
+
+def _valid_values_at_or_before(x: jax.Array, axis: int, mask: jax.Array,
+                               where: list[tuple[int, ...]]) -> list[jax.Array]:
+    """For each index in ``where``: ``x`` at the last valid position at or before it.
+
+    Positions in the row-major order of ``mask``'s axes, wrapping around to the last
+    valid one; position 0 if none is valid. Each a ``(C,)`` array. Within a padded
+    run this is the value that ends the valid run before it (a sequence's last
+    token, not its first), so that sampled padding takes values as spread over the
+    batch as the samples themselves.
+    """
+    flat = mask.reshape(-1)
+    positions = jnp.arange(flat.shape[0])
+    before = jax.lax.cummax(jnp.where(flat, positions, -1), axis=0)
+    wrapped = jnp.maximum(before[-1], 0)
+    moved = jnp.moveaxis(x, axis, -1)
+    values = []
+    for idx in where:
+        t, stride = 0, 1
+        for i, length in zip(reversed(idx), reversed(mask.shape)):
+            t, stride = t + i * stride, stride * length
+        found = before[jnp.asarray(t) if is_symbolic_dim(t) else t]
+        position = jnp.where(found >= 0, found, wrapped)
+        values.append(moved[jnp.unravel_index(position, mask.shape)])
+    return values
 
 
 def _centred(view: RowView, rows: jax.Array, shift: jax.Array,

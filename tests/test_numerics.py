@@ -119,17 +119,27 @@ def test_shift_is_the_ninther_of_nine_values_spread_over_the_batch(shape, axis):
     np.testing.assert_array_equal(shift, ninther_shift(x, axis))
 
 
-def test_masked_shift_samples_the_same_values_invalid_ones_replaced_by_the_first_valid():
+def test_masked_shift_takes_the_last_valid_value_at_or_before_each_sampled_position():
     from jbn._stats import _shift
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal((6, 3, 10)).astype(np.float32) + 100
     mask = rng.random((6, 10)) < 0.5
-    mask[0, :4] = False  # the first valid value is x[0, :, 4]
-    mask[0, 4] = True
+    # Nothing valid up to the first sampled run (positions 9, 10, 11): it wraps around
+    # to the batch's last valid value.
+    mask[0] = False
+    mask[1, :2] = False
+    mask[-1, -1] = True
     shift = np.asarray(jax.jit(lambda x, m: _shift(x, 1, m))(jnp.asarray(x), jnp.asarray(mask)))
-    filled = np.where(mask[:, None, :], x, x[0, :, 4][None, :, None])
-    np.testing.assert_array_equal(shift, ninther_shift(filled, 1))
+    values = np.moveaxis(x, 1, -1).reshape(-1, 3)  # (N * L, C) in row-major order
+    flat = mask.reshape(-1)
+    valid_at = np.flatnonzero(flat)
+    replaced = np.empty_like(values)
+    for t in range(flat.size):
+        before = valid_at[valid_at <= t]
+        replaced[t] = values[before[-1] if before.size else valid_at[-1]]
+    expected = ninther_shift(np.moveaxis(replaced.reshape(6, 10, 3), -1, 1), 1)
+    np.testing.assert_array_equal(shift, expected)
 
 
 def _atypical_start(shape, axis, mean):
@@ -187,4 +197,36 @@ def test_masked_statistics_stay_exact_with_an_outlier_at_the_first_valid_positio
     error = np.abs(np.moveaxis(np.asarray(y, np.float64), 1, -1)[mask] - expected).max()
     assert error <= 2e-6, f"max error {error:.3g}"
     unbiased = valid.var(0, ddof=1)
+    np.testing.assert_allclose(state["running_var"], 0.9 + 0.1 * unbiased, rtol=1e-6)
+
+
+def _float64_masked(x, mask, axis=1):
+    """Batch norm of the valid values of ``x`` (``mask`` without the channel axis) in float64."""
+    valid = np.moveaxis(x, axis, -1)[mask].astype(np.float64)  # (M, C)
+    return (valid - valid.mean(0)) / np.sqrt(valid.var(0) + 1e-5), valid.var(0, ddof=1)
+
+
+@pytest.mark.parametrize("layout", ["left-padded", "one-image"])
+def test_masked_statistics_stay_exact_when_the_sample_falls_in_padding(layout):
+    # Where a sampled position is padding, the value used in its place must not be the
+    # batch's first valid one: here that is an outlier 30 std out (a first token, a
+    # corner pixel), and the samples fall in padding.
+    rng = np.random.default_rng(5)
+    if layout == "left-padded":  # (N, C, L), each sequence's valid tokens at its end
+        x = rng.standard_normal((6, 2, 100)) + 1e3
+        lengths = np.array([60, 45, 90, 30, 75, 50])
+        mask = np.arange(100)[None, :] >= 100 - lengths[:, None]
+        x[0, :, 100 - lengths[0]] = 1e3 + 30.0  # the batch's first valid token
+    else:  # (N, C, H, W), one valid image of eight
+        x = rng.standard_normal((8, 2, 32, 32)) + 1e3
+        mask = np.zeros((8, 32, 32), bool)
+        mask[0] = True
+        x[0, :, 0, 0] = 1e3 + 30.0  # its corner pixel
+    x = np.where(np.expand_dims(mask, 1), x, 0.0).astype(np.float32)
+    y, state = jax.jit(lambda x, m: jbn.batch_norm(*jbn.init(2), x, True, mask=m))(
+        jnp.asarray(x), jnp.asarray(mask))
+    expected, unbiased = _float64_masked(x, mask)
+    got = np.moveaxis(np.asarray(y, np.float64), 1, -1)[mask]
+    error = np.abs(got - expected).max()
+    assert error <= 2e-6 * np.abs(expected).max(), f"max error {error:.3g}"
     np.testing.assert_allclose(state["running_var"], 0.9 + 0.1 * unbiased, rtol=1e-6)
