@@ -106,7 +106,9 @@ def batch_norm(
         Outputs at masked positions are still computed with those statistics. A
         batch without a valid position (or an empty ``x``) is counted in
         ``num_batches_tracked`` and leaves the running statistics as they were, as
-        PyTorch does for an empty batch.
+        PyTorch does for an empty batch. One valid value (where PyTorch raises, but
+        a mask's count is known only when the program runs) enters the running
+        variance as an unbiased variance of 0.
       dtype: dtype of ``y``; defaults to ``x``'s dtype.
 
     Returns:
