@@ -53,22 +53,21 @@ def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
     """A per-channel value near the mean: ``(C,)``, without gradient (see :mod:`jbn._ninther`).
 
     With a mask, a sampled position that is not valid takes the value at the last
-    valid position before it. A symbolic length (a program
-    exported for any batch size) is sampled at index 0 only.
+    valid position before it. A symbolic length (a program exported for any batch
+    size) is sampled at index 0 only.
     """
     reduced = [i for i in range(x.ndim) if i != axis]
     if not reduced:
         return jax.lax.stop_gradient(x)
     where = _ninther.sample_indices([x.shape[i] for i in reduced])
 
-    def at(array: jax.Array, idx: tuple, channels: bool) -> jax.Array:
+    def at(idx: tuple) -> jax.Array:
         index: list[Any] = list(idx)
-        if channels:
-            index.insert(axis, slice(None))
-        return array[tuple(index)]
+        index.insert(axis, slice(None))
+        return x[tuple(index)]
 
     if mask is None:
-        values = [at(x, idx, True) for idx in where]
+        values = [at(idx) for idx in where]
     else:
         values = _valid_values_at_or_before(x, axis, mask, where)
     return jax.lax.stop_gradient(_ninther.ninther(values))
