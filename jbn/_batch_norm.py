@@ -97,7 +97,8 @@ def batch_norm(
         cumulative average.
       axis_name: a mapped axis (``pmap``, ``shard_map``, ``vmap``) over which the
         training statistics are those of the global batch (SyncBatchNorm), with one
-        collective. As in PyTorch, evaluation never synchronizes.
+        collective; or a tuple of such axes (nested maps, a multi-axis mesh), with
+        one per axis. As in PyTorch, evaluation never synchronizes.
       axis_index_groups: groups of device indices along ``axis_name`` that share
         statistics (``pmap`` only), e.g. ``[[0, 1, 2, 3], [4, 5, 6, 7]]``.
       mask: optional boolean array of ``x``'s shape without the channel axis (or
@@ -135,6 +136,8 @@ def batch_norm(
     out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
     # PyTorch synchronizes only in training.
     axis_name = axis_name if train else None
+    if isinstance(axis_name, list):  # a static argument below: hashable
+        axis_name = tuple(axis_name)
     if train or not state:
         _check_count(x.shape, axis, mask, axis_name)
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))

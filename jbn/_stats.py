@@ -219,6 +219,20 @@ def local_moments(x: jax.Array, axis: int, mask: jax.Array | None,
     return Moments(count, shift, offset, shift + offset, m2)
 
 
+def _all_gather(x: jax.Array, axis_name: Any, axis_index_groups: Any) -> jax.Array:
+    """``all_gather`` over ``axis_name``, a name or a tuple of names: ``(devices, *x.shape)``.
+
+    A tuple is gathered one name at a time, the last first, so the devices come in the
+    tuple's row-major order: ``jax.lax.all_gather`` over a tuple that holds a ``vmap``
+    axis fails inside ``pmap`` or another ``vmap``.
+    """
+    if not isinstance(axis_name, (tuple, list)) or axis_index_groups is not None:
+        return jax.lax.all_gather(x, axis_name, axis_index_groups=axis_index_groups)
+    for name in reversed(axis_name):
+        x = jax.lax.all_gather(x, name)
+    return x.reshape((-1,) + x.shape[len(axis_name):])
+
+
 def global_moments(
     local: Moments, axis_name: Any, axis_index_groups: Any = None
 ) -> Moments:
@@ -232,7 +246,7 @@ def global_moments(
         [jnp.broadcast_to(local.count, (c,)), local.shift, local.offset, local.m2]
     )
     stacked = checkpoint_name(stacked, STATS_NAME)
-    gathered = jax.lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
+    gathered = _all_gather(stacked, axis_name, axis_index_groups)
     counts, shifts, offsets, m2s = (gathered[:, k] for k in range(4))  # each (D, C)
     # Reference: the shift of the first device that holds any value.
     ref = shifts[jnp.argmax(counts[:, 0] > 0)]

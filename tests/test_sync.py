@@ -275,6 +275,87 @@ def test_shard_map_and_vmap_with_axis_name_equal_global_batch_and_torch(style, l
     _assert_global_batch(got, params, state, x, dy, axis)
 
 
+def _run_two_level(outer, params, state, x, dy, axis):
+    """A tuple ``axis_name=("outer", "inner")`` over 2 x 4 devices, ``n`` examples each.
+
+    ``outer`` is ``pmap``, ``vmap`` or a 2 x 4 ``shard_map`` mesh; the inner map is ``vmap``
+    (a mesh axis for ``shard_map``). Returns ``(y, per-device states, dx, dweight, dbias)``
+    with the global batch's gradients, the devices in row-major order.
+    """
+    names = ("outer", "inner")
+    if outer == "shard_map":
+        mesh = Mesh(np.array(jax.devices()).reshape(2, 4), names)
+
+        def body(params, x, dy):
+            loss, (y, new_state) = _loss(params, state, x, dy, axis, names)
+            return loss[None], y, jax.tree.map(lambda v: v[None], new_state)
+
+        mapped = _shard_map(
+            body, mesh=mesh, in_specs=(P(), P(names), P(names)),
+            out_specs=(P(names), P(names), P(names)),
+        )
+
+        def total(params, x, dy):
+            losses, y, new_state = mapped(params, x, dy)
+            return jnp.sum(losses), (y, new_state)
+
+        (gp, gx), (y, new_state) = jax.jit(jax.grad(total, argnums=(0, 1), has_aux=True))(
+            params, x, dy
+        )
+        return y, new_state, gx, gp["weight"], gp["bias"]
+
+    def step(params, x, dy):
+        def total(params, x, dy):
+            losses, aux = jax.vmap(
+                lambda x, dy: _loss(params, state, x, dy, axis, names), axis_name="inner"
+            )(x, dy)
+            return jnp.sum(losses), aux
+
+        return jax.grad(total, argnums=(0, 1), has_aux=True)(params, x, dy)
+
+    if outer == "pmap":
+        mapped = jax.pmap(step, axis_name="outer", in_axes=(None, 0, 0))
+    else:
+        mapped = jax.jit(jax.vmap(step, axis_name="outer", in_axes=(None, 0, 0)))
+    nest = lambda a: a.reshape(2, 4, a.shape[0] // D, *a.shape[1:])  # noqa: E731
+    (gp, gx), (y, new_state) = mapped(params, nest(x), nest(dy))
+    flat = lambda a: np.asarray(a).reshape(-1, *np.asarray(a).shape[2:])  # noqa: E731
+    # Each outer index differentiated its own part: the sum is the global gradient.
+    return (
+        _concat(flat(y)), jax.tree.map(flat, new_state), _concat(flat(gx)),
+        gp["weight"].sum(0), gp["bias"].sum(0),
+    )
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("outer", ["pmap", "vmap", "shard_map"])
+def test_tuple_axis_name_over_two_map_levels_equals_global_batch_and_torch(outer, layout):
+    # jax.lax.all_gather over a tuple that holds a vmap axis fails inside pmap or vmap.
+    axis = LAYOUTS[layout]
+    params, state = _variables()
+    x, dy = _batch(layout)
+    y, new_state, gx, gw, gb = _run_two_level(outer, params, state, x, dy, axis)
+    _assert_same_on_every_device(new_state)
+    state0 = jax.tree.map(lambda v: v[0], new_state)
+    _assert_global_batch((y, state0, gx, gw, gb), params, state, x, dy, axis)
+
+
+def test_axis_name_given_as_a_list_equals_the_tuple():
+    params, state = _variables()
+    x = _batch("NHWC")[0].reshape(2, 4, 2, 4, 5, C)
+
+    def run(names):
+        f = lambda x: jbn.batch_norm(params, state, x, True, axis=-1, axis_name=names)  # noqa: E731
+        return jax.vmap(jax.vmap(f, axis_name="inner"), axis_name="outer")(x)
+
+    got, want = run(["outer", "inner"]), run(("outer", "inner"))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(g, w)
+    # ... and both are the global batch's statistics.
+    _, global_state = jbn.batch_norm(params, state, x.reshape(-1, 4, 5, C), True, axis=-1)
+    np.testing.assert_allclose(got[1]["running_var"][1, 3], global_state["running_var"], rtol=1e-6)
+
+
 def test_evaluation_under_pmap_uses_running_statistics_without_communicating():
     params, state = _variables()
     x, _ = _batch("NCHW")
