@@ -5,7 +5,8 @@
 // each kernel takes two sums per (b, c) over p and q in ONE pass over its inputs:
 //
 // jbn_shifted_sums, the batch statistics: for x, a shift near the mean (the ninther
-// of nine of the channel's values sampled across the batch, see Shifts), and
+// of nine of the channel's values sampled across the batch at positions given in the
+// attribute at, see Shifts), and
 //
 //   s1[b, c] = sum_{p, q} d,   s2[b, c] = sum_{p, q} d * d,   d = x[b, p, c, q] - shift[b, c];
 //
@@ -279,22 +280,17 @@ JBN_CLONES void ShiftRange(const T* x, int64_t p, int64_t c, int64_t q, const in
 // Channels per parallel task of Shifts.
 constexpr int64_t kShiftChannels = 256;
 
-// shift[b, c]: the ninther (median of three medians of three) of three runs of three
-// consecutive values among the channel's R = P * Q values in row-major order (p, q),
-// centred at (2i + 1) * R / 6, i < 3: the centres of the batch's thirds. With R < 9,
-// the value at R / 2. A value of the data near the bulk of it, whatever its first
-// values (see jbn/_ninther.py), read from nine rows of channels (Q == 1) or from
-// three short runs per channel.
+// shift[b, c]: the ninther (median of three medians of three) of the channel's values at
+// the n = 9 flat positions at[j] among its R = P * Q values in row-major order (p, q):
+// three runs of three, spread over the batch's axes by jbn/_ninther.py; n = 1: the one
+// value at at[0]. A value of the data near the bulk of it, whatever its first values,
+// read from nine rows of channels (Q == 1) or from three short runs per channel.
 template <typename T>
 void Shifts(ffi::ThreadPool& pool, const T* x, int64_t b, int64_t p, int64_t c, int64_t q,
-            float* shift) {
-  const int64_t r = p * q;
-  const int64_t n = r < kSamples ? 1 : kSamples;
+            ffi::Span<const int64_t> at, float* shift) {
+  const int64_t n = int64_t(at.size());
   int64_t offset[kSamples];  // of each sampled value from its channel's first value
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t at = n == 1 ? r / 2 : (2 * (j / 3) + 1) * r / 6 + j % 3 - 1;
-    offset[j] = at / q * c * q + at % q;
-  }
+  for (int64_t j = 0; j < n; ++j) offset[j] = at[j] / q * c * q + at[j] % q;
   // Nine short reads per channel, scattered with channels first: in parallel where
   // there are many channels.
   const int64_t chunks = (c + kShiftChannels - 1) / kShiftChannels;
@@ -407,12 +403,18 @@ template <typename P>
 using Pointee = std::remove_const_t<std::remove_pointer_t<P>>;
 
 // x: (B..., P, C * Q) -> shift, s1 = sum(x - shift), s2 = sum((x - shift)^2), each (B, C).
-ffi::Error ShiftedSums(ffi::ThreadPool pool, int64_t q, ffi::AnyBuffer x,
-                       ffi::Result<ffi::AnyBuffer> shift, ffi::Result<ffi::AnyBuffer> s1,
-                       ffi::Result<ffi::AnyBuffer> s2) {
+ffi::Error ShiftedSums(ffi::ThreadPool pool, int64_t q, ffi::Span<const int64_t> at,
+                       ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> shift,
+                       ffi::Result<ffi::AnyBuffer> s1, ffi::Result<ffi::AnyBuffer> s2) {
   Dims d;
   if (!DimsOf(x, q, &d)) {
     return ffi::Error::InvalidArgument("x must be (B..., P, C * Q) with q = Q >= 1");
+  }
+  const bool in_range = std::all_of(at.begin(), at.end(), [&](int64_t t) {
+    return t >= 0 && t < d.p * d.q;
+  });
+  if (d.values() > 0 && ((at.size() != 1 && at.size() != size_t(kSamples)) || !in_range)) {
+    return ffi::Error::InvalidArgument("at must hold 1 or 9 positions in [0, P * Q)");
   }
   if (!IsChannelVector(*shift, d) || !IsChannelVector(*s1, d) || !IsChannelVector(*s2, d)) {
     return ffi::Error::InvalidArgument("shift, s1 and s2 must be float32 with B * C elements");
@@ -429,7 +431,7 @@ ffi::Error ShiftedSums(ffi::ThreadPool pool, int64_t q, ffi::AnyBuffer x,
   return WithElementType(x.element_type(), [&](auto type) {
     using T = Pointee<decltype(type)>;
     const T* xp = reinterpret_cast<const T*>(x.untyped_data());
-    Shifts<T>(pool, xp, d.b, d.p, d.c, d.q, sp);
+    Shifts<T>(pool, xp, d.b, d.p, d.c, d.q, at, sp);
     ChannelSums(pool, Squares<T>{xp}, d.b, d.p, d.c, d.q, sp, o1, o2);
     return ffi::Error::Success();
   });
@@ -476,6 +478,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnShiftedSums, ShiftedSums,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("q")
+                                  .Attr<ffi::Span<const int64_t>>("at")
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()

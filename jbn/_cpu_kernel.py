@@ -24,7 +24,8 @@ gather the whole batch onto every device).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,16 +58,20 @@ def _check_available() -> None:
         raise RuntimeError("jbn's CPU kernels were not built (no C++ compiler at install time)")
 
 
-def shifted_sums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def shifted_sums(x: jax.Array, before: Sequence[Any] | None = None,
+                 after: Sequence[Any] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A shift near the mean, and the sums of ``d = x - shift`` and of ``d * d``, per channel.
 
     Args:
       x: ``(P, C, Q)``, float32 or bfloat16, with channels on the middle axis: an
         NCHW batch as ``(N, C, H * W)``, an NHWC one as ``(N * H * W, C, 1)``.
+      before, after: the lengths of the batch's axes before and after the channel
+        axis, whose products are ``P`` and ``Q`` (``(N,)`` and ``(H, W)`` for NCHW);
+        the shift's sample lies on them. Default ``(P,)`` and ``(Q,)``.
 
     Returns:
       ``(shift, s1, s2)``, each ``(C,)`` float32: the ninther of nine values
-      sampled across ``P`` and ``Q`` (:mod:`jbn._ninther`), ``sum(x - shift)`` and
+      sampled across those axes (:mod:`jbn._ninther`), ``sum(x - shift)`` and
       ``sum((x - shift)^2)`` over ``P`` and ``Q``. Under ``vmap`` the mapped axes
       lead ``x`` and every output.
     """
@@ -74,7 +79,9 @@ def shifted_sums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     if x.size == 0:
         zeros = jnp.sum(x, axis=(0, 2), dtype=jnp.float32)
         return zeros, zeros, zeros
-    return tuple(_bind(_SHIFTED_SUMS, _flat(x), q=x.shape[2]))
+    before = (x.shape[0],) if before is None else tuple(before)
+    after = (x.shape[2],) if after is None else tuple(after)
+    return tuple(_bind(_SHIFTED_SUMS, _flat(x), q=x.shape[2], before=before, after=after))
 
 
 def dot_sums(g: jax.Array, x: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -106,11 +113,15 @@ def _unflat(x: jax.Array, q: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], x.shape[-1] // q, q).astype(jnp.float32)
 
 
-def _xla_shifted_sums(x: jax.Array, *, q: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _xla_shifted_sums(x: jax.Array, *, q: int, before: tuple, after: tuple
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The kernel's ``(shift, s1, s2)`` as XLA operations, for ``x`` ``(..., P, C * Q)``."""
     x = _unflat(x, q)
-    sample = _ninther.sample_indices((x.shape[-3], q))
-    shift = _ninther.ninther([x[..., i, :, j] for i, j in sample])
+    c = x.shape[-2]
+    axes = x.reshape(*x.shape[:-3], *before, c, *after)
+    k = len(before)
+    shift = _ninther.ninther([axes[(..., *idx[:k], slice(None), *idx[k:])]
+                              for idx in _ninther.sample_indices(before + after)])
     d = x - shift[..., None, :, None]
     return shift, jnp.sum(d, axis=(-3, -1)), jnp.sum(d * d, axis=(-3, -1))
 
@@ -127,8 +138,11 @@ _XLA: dict[str, Callable] = {_SHIFTED_SUMS: _xla_shifted_sums, _DOT_SUMS: _xla_d
 _OUTPUTS = {_SHIFTED_SUMS: 3, _DOT_SUMS: 2}
 
 
-def _bind(target: str, *args: jax.Array, q: int) -> list[jax.Array]:
-    """The kernel ``target``'s outputs for ``args`` with leading axes ``(..., P, C * Q)``."""
+def _bind(target: str, *args: jax.Array, q: int, **attrs: Any) -> list[jax.Array]:
+    """The kernel ``target``'s outputs for ``args`` with leading axes ``(..., P, C * Q)``.
+
+    ``attrs``: the kernel's static arguments beyond ``q`` (the shift's axes).
+    """
     # The outputs' type: (..., C) float32, and under shard_map varying over the mesh
     # axes that any input varies over. The probe adds one (..., C) slice of each input
     # (the shift is one already): traced for its type only, dead code that XLA drops,
@@ -137,7 +151,7 @@ def _bind(target: str, *args: jax.Array, q: int) -> list[jax.Array]:
     c = x.shape[-1] // q
     probe = sum((a[..., 0, :c] if a.ndim == x.ndim else a).astype(jnp.float32) for a in args)
     outs = (jax.typeof(probe),) * _OUTPUTS[target]
-    return _primitive(target).bind(*args, q=q, outs=outs)
+    return _primitive(target).bind(*args, q=q, outs=outs, **attrs)
 
 
 def _kernel_runs(ctx: mlir.LoweringRuleContext) -> bool:
@@ -167,35 +181,45 @@ def _per_device(axis_context: object) -> bool:
     return all(size == 1 for name, size in dict(mesh.shape).items() if name not in manual)
 
 
+def _ffi_attributes(q: int, before: tuple = (), after: tuple = ()) -> dict[str, Any]:
+    """The kernel call's attributes: ``q``, and for the statistics the shift's sample
+    as flat positions among a channel's values (static lengths: the kernel runs)."""
+    attributes: dict[str, Any] = {"q": np.int64(q)}
+    if before or after:
+        dims = [int(d) for d in before + after]
+        attributes["at"] = np.asarray(_ninther.positions(dims), np.int64)
+    return attributes
+
+
 @functools.cache
 def _primitive(target: str) -> Primitive:
     """The primitive of kernel ``target``, registered with JAX on first use."""
     p = Primitive(target)
     p.multiple_results = True
     xla = _XLA[target]
-    compiled = jax.jit(lambda *args, q, outs: p.bind(*args, q=q, outs=outs),
-                       static_argnames=("q", "outs"))
+    compiled = jax.jit(lambda *args, outs, params: p.bind(*args, outs=outs, **dict(params)),
+                       static_argnames=("outs", "params"))
 
-    def impl(*args, q, outs):
+    def impl(*args, outs, **params):
         with jax.disable_jit(False):  # compiled even where jit is disabled
-            return compiled(*args, q=q, outs=outs)
+            return compiled(*args, outs=outs, params=tuple(sorted(params.items())))
 
-    def lowering(ctx, *args, q, outs):
+    def lowering(ctx, *args, outs, **params):
         if _kernel_runs(ctx):
-            return jax.ffi.ffi_lowering(target)(ctx, *args, q=np.int64(q))
-        return mlir.lower_fun(functools.partial(xla, q=q), multiple_results=True)(ctx, *args)
+            return jax.ffi.ffi_lowering(target)(ctx, *args, **_ffi_attributes(**params))
+        return mlir.lower_fun(functools.partial(xla, **params), multiple_results=True)(ctx, *args)
 
-    def batch(args, dims, *, q, outs):
+    def batch(args, dims, *, outs, **params):
         # Every input with the mapped axis first (broadcast where it is not mapped,
         # its axis None): the kernel sums each leading index on its own.
         size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
         args = [jnp.broadcast_to(a, (size, *a.shape)) if d is None
                 else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
-        results = _bind(target, *args, q=q)
+        results = _bind(target, *args, **params)
         return results, [0] * len(results)
 
     p.def_impl(impl)
-    p.def_abstract_eval(lambda *args, q, outs: list(outs))
+    p.def_abstract_eval(lambda *args, outs, **params: list(outs))
     mlir.register_lowering(p, lowering)
     batching.primitive_batchers[p] = batch
     return p

@@ -4,16 +4,20 @@ jbn's one-pass statistics sum ``x - shift`` and its square. Their float32 sums k
 the variance exact to a few ulps while the shift lies within a few standard
 deviations of the channel's mean, and lose about ``2 log2(distance / std)`` bits
 beyond that. The shift is therefore the ninther (Tukey's median of three medians of
-three) of three runs of three consecutive values, one run at the centre of each third
-of the channel's values in row-major order (across the batch and the other reduced
-axes): a value of the data, a median of samples from the whole batch rather than its
-first values, so padding at the start of a sequence, an image's border, a batch
-sorted by label, or an outlier or an atypical run in the sample leave it near the
-bulk of the data. Runs keep the read short: nine rows of channels with channels
-last, three short runs per channel with channels first. Channels with fewer than
-nine values take their middle value.
+three) of three runs of three consecutive values: a value of the data, a median of
+samples from the whole batch rather than its first values. The runs' centres lie in
+a Latin square over the reduced axes: along each axis (the batch, each spatial
+axis) the three centres sit at the middles of its three thirds, 1/6, 1/2 and 5/6 of
+its length, each at a different one. So the three runs come from different
+examples (three from three on), at different places in them, and never at the
+first or last value of an axis of 7 or more (13 for the last axis, along which the
+runs lie): padding there, a frame, a batch sorted by label, or an outlier or an
+atypical run in the sample leave the shift near the bulk of the data; one
+atypical run is outvoted by the other two. Runs keep the read short:
+nine rows of channels with channels last, three short runs per channel with
+channels first. Channels with fewer than nine values take their middle value.
 
-jbn's CPU kernel (``csrc/shifted_sums.cc``) takes the same nine values.
+jbn's CPU kernel (``csrc/shifted_sums.cc``) reads the same nine values.
 """
 
 from __future__ import annotations
@@ -31,15 +35,26 @@ from jax.export import is_symbolic_dim
 SAMPLES = 9
 
 
-def positions(count: int) -> list[int]:
-    """Where, among a channel's ``count`` values in row-major order, the sample lies.
+def positions(dims: Sequence[int]) -> list[int]:
+    """Where the sample lies among a channel's values: flat indices, row-major over ``dims``.
 
-    Three runs of three consecutive values, centred on the centres of three equal
-    parts, ``(2i + 1) * count // 6``; for fewer than ``SAMPLES`` values, the middle one.
+    ``dims``: the lengths of the reduced axes, in order. Run ``i``'s centre has index
+    ``(2k + 1) * L // 6`` with ``k = (i + d) % 3`` along axis ``d`` of length ``L``
+    (kept one value from either end of the channel's values); the run is the centre
+    and the values just before and after it. Fewer than ``SAMPLES`` values: the
+    middle one.
     """
+    count = math.prod(dims)
     if count < SAMPLES:
         return [count // 2]
-    return [(2 * i + 1) * count // 6 + j for i in range(3) for j in (-1, 0, 1)]
+    strides = [math.prod(dims[d + 1:]) for d in range(len(dims))]
+    out = []
+    for i in range(3):
+        t = sum((2 * ((i + d) % 3) + 1) * length // 6 * stride
+                for d, (length, stride) in enumerate(zip(dims, strides)))
+        t = min(max(t, 1), count - 2)
+        out += [t - 1, t, t + 1]
+    return out
 
 
 def sample_indices(dims: Sequence[Any]) -> list[tuple[int, ...]]:
@@ -47,9 +62,13 @@ def sample_indices(dims: Sequence[Any]) -> list[tuple[int, ...]]:
 
     A symbolic length (a program exported for any batch size) is sampled at index 0.
     """
-    static = [1 if is_symbolic_dim(d) else int(d) for d in dims]
-    return [tuple(int(j) for j in np.unravel_index(t, static))
-            for t in positions(math.prod(static))]
+    static = static_dims(dims)
+    return [tuple(int(j) for j in np.unravel_index(t, static)) for t in positions(static)]
+
+
+def static_dims(dims: Sequence[Any]) -> list[int]:
+    """``dims`` with each symbolic length (any batch size) taken as 1."""
+    return [1 if is_symbolic_dim(d) else int(d) for d in dims]
 
 
 def median3(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:

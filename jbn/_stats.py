@@ -130,7 +130,9 @@ def _kernel_moments(view: RowView, rows: jax.Array, source: jax.Array
     again, so that a derivative of the rule (a second-order derivative) goes
     through the rule too.
     """
-    return _cpu_kernel.shifted_sums(source.reshape(view.before, view.channels, view.after))
+    shape, axis = view.shape, view.axis
+    return _cpu_kernel.shifted_sums(source.reshape(view.before, view.channels, view.after),
+                                    shape[:axis], shape[axis + 1:])
 
 
 @_kernel_moments.defjvp

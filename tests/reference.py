@@ -112,13 +112,21 @@ def batch_var(x: np.ndarray) -> np.ndarray:
 def ninther_shift(x: np.ndarray, axis: int) -> np.ndarray:
     """jbn's shift per channel, as documented: Tukey's ninther of nine values.
 
-    The channel's values in row-major order over the other axes; three runs of three
-    consecutive ones centred at ``(2i + 1) * R // 6``; the median of the runs'
-    medians. With fewer than nine values, the middle one.
+    Over the other axes (lengths ``L_0, L_1, ...``), three centres: centre ``i`` at
+    index ``(2k + 1) * L_d // 6``, ``k = (i + d) % 3``, along each axis ``d``; each
+    centre's flat (row-major) position, kept within one value of either end, with
+    the values just before and after it; the median of the three runs' medians.
+    With fewer than nine values, the middle one.
     """
-    values = np.moveaxis(np.asarray(x), axis, -1).reshape(-1, x.shape[axis])
+    moved = np.moveaxis(np.asarray(x), axis, -1)
+    dims = moved.shape[:-1]
+    values = moved.reshape(-1, x.shape[axis])
     r = values.shape[0]
     if r < 9:
         return values[r // 2]
-    sample = values[[(2 * i + 1) * r // 6 + j for i in range(3) for j in (-1, 0, 1)]]
-    return np.median(np.median(sample.reshape(3, 3, -1), axis=1), axis=0)
+    runs = []
+    for i in range(3):
+        centre = tuple((2 * ((i + d) % 3) + 1) * length // 6 for d, length in enumerate(dims))
+        t = int(np.clip(np.ravel_multi_index(centre, dims), 1, r - 2))
+        runs.append(np.median(values[t - 1:t + 2], axis=0))
+    return np.median(np.stack(runs), axis=0)
