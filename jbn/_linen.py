@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -13,10 +12,8 @@ from jax.typing import DTypeLike
 
 from jbn import _checks
 from jbn._batch_norm import batch_norm
+from jbn._recalibrate import MOMENTUM_OVERRIDE
 
-# While set (by ``recalibrate_batch_stats``), the momentum every module uses in place of its
-# own field, e.g. None for the cumulative average. Read when a module is traced.
-MOMENTUM_OVERRIDE: contextvars.ContextVar[Any] = contextvars.ContextVar("jbn_momentum_override")
 
 
 class _BatchNorm(nn.Module):

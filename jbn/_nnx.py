@@ -11,6 +11,7 @@ from jax.typing import DTypeLike
 
 from jbn import _checks
 from jbn._batch_norm import batch_norm
+from jbn._recalibrate import MOMENTUM_OVERRIDE
 
 
 class _BatchNorm(nnx.Module):
@@ -144,7 +145,7 @@ class _BatchNorm(nnx.Module):
             train,
             axis=self.axis,
             eps=self.eps,
-            momentum=self.momentum,
+            momentum=MOMENTUM_OVERRIDE.get(self.momentum),
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
             mask=mask,

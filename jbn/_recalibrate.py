@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jbn._checks import STATE_KEYS
-from jbn._linen import MOMENTUM_OVERRIDE
+
+# While set (by ``recalibrate_batch_stats``), the momentum every jbn module (linen and
+# nnx) uses in place of its own, None: the cumulative average. Read when a module is traced.
+MOMENTUM_OVERRIDE: contextvars.ContextVar[Any] = contextvars.ContextVar("jbn_momentum_override")
 
 
 def _reset(tree: Any) -> tuple[Any, int]:
@@ -42,8 +47,8 @@ def recalibrate_batch_stats(
     Mirrors ``torch.optim.swa_utils.update_bn`` (and PreciseBN): every batch-norm state
     in ``variables["batch_stats"]`` (a dict holding ``running_mean``, ``running_var``
     and ``num_batches_tracked``) is reset to zeros, ones and 0, then each batch is run
-    in training mode with every jbn linen module using ``momentum=None``, the
-    cumulative average. After K batches each layer holds
+    in training mode with every jbn module (linen or nnx) using ``momentum=None``,
+    the cumulative average. After K batches each layer holds
 
     - ``running_mean`` = the average over the K batches of that layer's batch mean,
     - ``running_var`` = the average over the K batches of its *unbiased* batch
@@ -58,9 +63,14 @@ def recalibrate_batch_stats(
     Args:
       apply_fn: ``apply_fn(variables, batch) -> (outputs, mutated)``, running the model
         in training mode with ``batch_stats`` mutable, e.g.
-        ``lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])``. It is
-        traced here (the momentum override acts when the modules are traced), so it
-        must not be a function jitted beforehand.
+        ``lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])``; for
+        an nnx model, one that merges ``nnx.split(model, nnx.Param, nnx.BatchStat)``'s
+        graph with ``v["params"]`` and ``v["batch_stats"]`` (as ``nnx.to_pure_dict``
+        gives them), calls it in training mode and returns its new ``nnx.BatchStat``
+        state as ``{"batch_stats": ...}`` (``nnx.update`` then sets it). It is
+        traced here with every ``jax.jit`` inside it inlined, so functions jitted
+        elsewhere (``apply_fn`` itself too) neither keep their own momentum here nor
+        take the cumulative average into their later calls.
       variables: the model's variables, with a ``batch_stats`` collection.
       batches: an iterable of batches, each passed to ``apply_fn`` as is.
       jit: compile ``apply_fn`` once (batches of one shape) instead of running eagerly.
@@ -70,14 +80,8 @@ def recalibrate_batch_stats(
       ``variables`` with the recomputed ``batch_stats``.
 
     Raises:
-      TypeError: ``apply_fn`` is already jitted.
       ValueError: no jbn batch-norm state in ``variables["batch_stats"]``, or no batch.
     """
-    if hasattr(apply_fn, "lower"):
-        raise TypeError(
-            "apply_fn is already jitted, so its cached trace would keep each layer's own "
-            "momentum; pass the plain function (recalibrate_batch_stats jits it itself)"
-        )
     stats, layers = _reset(variables.get("batch_stats", {}))
     if not layers:
         raise ValueError(
@@ -89,20 +93,43 @@ def recalibrate_batch_stats(
         _, mutated = apply_fn({**variables, "batch_stats": stats}, batch)
         return mutated["batch_stats"]
 
-    if jit:
-        step = jax.jit(step)
+    run = _traced_with_cumulative_average(step, jit)
     if progress:
         from rich.progress import track
 
         batches = track(batches, description="Recalibrating batch statistics")
     seen = 0
-    token = MOMENTUM_OVERRIDE.set(None)
-    try:
-        for batch in batches:
-            stats = step(stats, batch)
-            seen += 1
-    finally:
-        MOMENTUM_OVERRIDE.reset(token)
+    for batch in batches:
+        stats = run(stats, batch)
+        seen += 1
     if not seen:
         raise ValueError("batches is empty: no batch to compute the statistics from")
     return {**variables, "batch_stats": stats}
+
+
+def _traced_with_cumulative_average(step: Callable, jit: bool) -> Callable:
+    """``step``, run with every jbn module's momentum None (PyTorch's cumulative average).
+
+    The override acts when the modules are traced, so ``step`` is traced with every
+    ``jax.jit`` inside it inlined (``jax.disable_jit``): a function that ``apply_fn``
+    calls, jitted elsewhere, would otherwise reuse a trace made with the modules' own
+    momentum, or keep one made with the override for its later calls. With ``jit``,
+    the traced step is compiled once per signature of its arguments.
+    """
+    compiled: dict[Any, Any] = {}
+
+    def run(stats: Any, batch: Any) -> Any:
+        leaves, tree = jax.tree.flatten((stats, batch))
+        key = (tree, tuple((np.shape(a), getattr(a, "dtype", type(a))) for a in leaves))
+        token = MOMENTUM_OVERRIDE.set(None)
+        try:
+            with jax.disable_jit():
+                if not jit:
+                    return step(stats, batch)
+                if key not in compiled:
+                    compiled[key] = jax.jit(step).lower(stats, batch).compile()
+        finally:
+            MOMENTUM_OVERRIDE.reset(token)
+        return compiled[key](stats, batch)
+
+    return run

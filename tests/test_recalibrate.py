@@ -114,11 +114,111 @@ def test_progress_bar_runs_and_result_is_the_same(capsys):
     jax.tree.map(np.testing.assert_array_equal, quiet, shown)
 
 
-def test_rejects_jitted_apply_fn_missing_state_and_no_batches():
+def _assert_update_bn(out, tnet):
+    for name, layer in (("bn0", tnet[0]), ("bn1", tnet[2]), ("bn2", tnet[5])):
+        stats = out["batch_stats"][name]
+        np.testing.assert_allclose(stats["running_mean"], layer.running_mean.numpy(), 1e-5, 1e-5)
+        np.testing.assert_allclose(stats["running_var"], layer.running_var.numpy(), 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_jitted_functions_inside_apply_fn_take_the_cumulative_average_and_keep_their_own(jit):
+    # The momentum override acts at trace time: a function jitted elsewhere would reuse
+    # its earlier trace (momentum 0.1) here, or keep the override for later calls.
+    tnet = _torch_net()
+    batches = _batches()
+    variables = _flax_variables(tnet)
+    traced_before = jax.jit(_apply)
+    traced_before(variables, batches[0])
+    traced_first_here = jax.jit(_apply)
+    update_bn([torch.from_numpy(x) for x in batches], tnet)
+    for fn in (traced_before, traced_first_here):
+        out = jbn.recalibrate_batch_stats(lambda v, x, fn=fn: fn(v, x), variables, batches,
+                                          jit=jit)
+        _assert_update_bn(out, tnet)
+        _assert_update_bn(jbn.recalibrate_batch_stats(fn, variables, batches, jit=jit), tnet)
+        # ... and afterwards each keeps the layers' own momentum.
+        x = batches[1]
+        _, updates = fn(variables, x)
+        np.testing.assert_allclose(updates["batch_stats"]["bn0"]["running_mean"],
+                                   0.1 * np.asarray(x, np.float64).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_layers_under_nn_jit_take_the_cumulative_average():
+    class JittedBlock(nn.Module):
+        @nn.jit
+        @nn.compact
+        def __call__(self, x):
+            return jbn.BatchNorm1d(5, name="bn")(x, True)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return JittedBlock(name="block")(x)
+
+    batches = _batches()
+    variables = Net().init(jax.random.key(0), jnp.ones((2, 5)))
+    apply = lambda v, x: Net().apply(v, x, mutable=["batch_stats"])  # noqa: E731
+    apply(variables, batches[0])  # traced before, with momentum 0.1
+    out = jbn.recalibrate_batch_stats(apply, variables, batches)
+    data = np.stack(batches).astype(np.float64)
+    stats = out["batch_stats"]["block"]["bn"]
+    np.testing.assert_allclose(stats["running_mean"], data.reshape(-1, 5).mean(0), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(stats["running_var"], data.var(axis=1, ddof=1).mean(0), rtol=1e-5)
+
+
+def test_batches_of_two_shapes_each_enter_with_their_own_statistics():
+    tnet = _torch_net()
+    batches = _batches(k=3) + _batches(k=2, n=5, seed=1)
+    out = jbn.recalibrate_batch_stats(_apply, _flax_variables(tnet), batches)
+    update_bn([torch.from_numpy(x) for x in batches], tnet)
+    _assert_update_bn(out, tnet)
+
+
+def test_rejects_missing_state_and_no_batches():
     variables = _flax_variables(_torch_net())
-    with pytest.raises(TypeError, match="already jitted"):
-        jbn.recalibrate_batch_stats(jax.jit(_apply), variables, _batches(k=1))
     with pytest.raises(ValueError, match="no batch-norm state"):
         jbn.recalibrate_batch_stats(_apply, {"params": variables["params"]}, _batches(k=1))
     with pytest.raises(ValueError, match="empty"):
         jbn.recalibrate_batch_stats(_apply, variables, [])
+
+
+def test_nnx_model_through_split_and_merge_matches_torch_update_bn():
+    from flax import nnx
+
+    from jbn import nnx as jnnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.bn0 = jnnx.BatchNorm1d(5)
+            self.fc = nnx.Linear(5, 4, rngs=rngs)
+            self.bn1 = jnnx.BatchNorm1d(4, momentum=0.3)
+
+        def __call__(self, x):
+            return self.bn1(self.fc(self.bn0(x)))
+
+    model = Net(nnx.Rngs(0))
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    variables = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
+
+    def apply_fn(v, x):
+        m = nnx.merge(graphdef, v["params"], v["batch_stats"])
+        m.train()
+        return m(x), {"batch_stats": nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))}
+
+    batches = _batches(k=4)
+    out = jbn.recalibrate_batch_stats(apply_fn, variables, batches)
+    tnet = torch.nn.Sequential(torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 4),
+                               torch.nn.BatchNorm1d(4, momentum=0.3))
+    with torch.no_grad():
+        tnet[1].weight.copy_(torch.tensor(np.asarray(model.fc.kernel[...]).T))
+        tnet[1].bias.copy_(torch.tensor(np.asarray(model.fc.bias[...])) + 1.0)
+    out["params"]["fc"]["bias"] = out["params"]["fc"]["bias"] + 1.0  # a non-zero mean for bn1
+    out = jbn.recalibrate_batch_stats(apply_fn, out, batches)
+    update_bn([torch.from_numpy(x) for x in batches], tnet)
+    nnx.update(model, out["batch_stats"])
+    for bn, layer in ((model.bn0, tnet[0]), (model.bn1, tnet[2])):
+        np.testing.assert_allclose(bn.running_mean[...], layer.running_mean.numpy(), 1e-5, 1e-5)
+        np.testing.assert_allclose(bn.running_var[...], layer.running_var.numpy(), 1e-5, 1e-5)
+        assert int(bn.num_batches_tracked[...]) == int(layer.num_batches_tracked)
