@@ -36,7 +36,8 @@ def fold_conv_bn(
         bias (treated as zeros).
       bn_variables: the batch norm's variables as ``init``/``from_torch_state_dict``
         give them: ``{"params": {"weight", "bias"}, "batch_stats": {"running_mean",
-        "running_var", ...}}`` (``params`` may be absent for ``affine=False``).
+        "running_var", ...}}`` (``params`` may be absent for ``affine=False``), or a
+        ``FrozenBatchNorm2d``'s, whose ``weight`` and ``bias`` are in ``batch_stats``.
       eps: the batch norm's ``eps``.
       layout: where the kernel keeps its output features, see ``kernel``.
 
@@ -64,8 +65,9 @@ def fold_conv_bn(
     out = kernel.shape[out_axis]
     mean = jnp.asarray(stats["running_mean"], dtype)
     var = jnp.asarray(stats["running_var"], dtype)
-    weight = jnp.asarray(params.get("weight", jnp.ones_like(var)), dtype)
-    bias = jnp.asarray(params.get("bias", jnp.zeros_like(var)), dtype)
+    # FrozenBatchNorm2d keeps its affine in batch_stats, with the statistics.
+    weight = jnp.asarray(params.get("weight", stats.get("weight", jnp.ones_like(var))), dtype)
+    bias = jnp.asarray(params.get("bias", stats.get("bias", jnp.zeros_like(var))), dtype)
     if mean.shape != (out,):
         raise ValueError(
             f"the kernel has {out} output features (axis {out_axis} of shape {kernel.shape}, "

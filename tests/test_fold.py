@@ -80,6 +80,25 @@ def test_nhwc_folded_conv_equals_conv_then_jbn_bn_in_eval(spatial):
     assert _relative_error(folded, reference) <= 1e-5
 
 
+def test_frozen_batch_norm_folds_with_its_weight_and_bias_from_batch_stats():
+    # FrozenBatchNorm2d keeps weight and bias in batch_stats, not in params.
+    conv, bn = _torch_conv_bn()
+    fused = fuse_conv_bn_eval(conv, bn)
+    frozen = jbn.FrozenBatchNorm2d.from_torch_state_dict(bn.state_dict())
+    kernel, folded_bias = jbn.fold_conv_bn(conv.weight.detach().numpy(),
+                                           conv.bias.detach().numpy(), frozen, eps=1e-3,
+                                           layout="OIHW")
+    np.testing.assert_allclose(kernel, fused.weight.detach().numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(folded_bias, fused.bias.detach().numpy(), rtol=1e-6, atol=1e-7)
+    # ... and the folded convolution equals the convolution, then the frozen layer.
+    x = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    conv_out = conv(torch.from_numpy(x)).detach().numpy()
+    reference = jbn.FrozenBatchNorm2d(5, eps=1e-3).apply(frozen, jnp.asarray(conv_out))
+    y = jax.lax.conv_general_dilated(jnp.asarray(x), kernel, (1, 1), "SAME",
+                                     dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    assert _relative_error(y + folded_bias[None, :, None, None], reference) <= 1e-5
+
+
 def test_dense_kernel_folds_with_hwio_layout():
     rng = np.random.default_rng(0)
     kernel = rng.normal(size=(6, 4)).astype(np.float32)
