@@ -22,6 +22,11 @@ Params = Mapping[str, jax.Array]
 State = Mapping[str, jax.Array]
 
 
+def state_dtype(dtype: DTypeLike) -> jnp.dtype:
+    """The running statistics' dtype for parameters of ``dtype``: float32, or wider."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def init(
     num_features: int,
     *,
@@ -35,12 +40,14 @@ def init(
       num_features: C, the number of channels.
       affine: whether the layer has a learnable ``weight`` and ``bias``.
       track_running_stats: whether the layer keeps running statistics for evaluation.
-      dtype: dtype of ``weight`` and ``bias``. The running statistics are always float32.
+      dtype: dtype of ``weight`` and ``bias``. The running statistics are float32, or
+        ``dtype`` where it is wider (float64, with ``jax_enable_x64``), as a PyTorch
+        layer made with ``dtype=torch.float64`` keeps float64 buffers.
 
     Returns:
       ``(params, state)``: ``params = {"weight": ones (C,), "bias": zeros (C,)}`` (``{}``
-      when ``affine=False``) and ``state = {"running_mean": zeros (C,) float32,
-      "running_var": ones (C,) float32, "num_batches_tracked": 0 () int32}`` (``{}`` when
+      when ``affine=False``) and ``state = {"running_mean": zeros (C,),
+      "running_var": ones (C,), "num_batches_tracked": 0 () int32}`` (``{}`` when
       ``track_running_stats=False``). The keys are those of PyTorch's ``state_dict``.
     """
     c = _checks.check_num_features(num_features)
@@ -50,8 +57,8 @@ def init(
         params = {"weight": jnp.ones((c,), dtype), "bias": jnp.zeros((c,), dtype)}
     if track_running_stats:
         state = {
-            "running_mean": jnp.zeros((c,), jnp.float32),
-            "running_var": jnp.ones((c,), jnp.float32),
+            "running_mean": jnp.zeros((c,), state_dtype(dtype)),
+            "running_var": jnp.ones((c,), state_dtype(dtype)),
             "num_batches_tracked": jnp.zeros((), jnp.int32),
         }
     return params, state
@@ -310,10 +317,12 @@ def _update_state(
     """
     mean, m2, count = (jax.lax.stop_gradient(v) for v in (mean, m2, count))
     tracked = state["num_batches_tracked"] + 1
+    # In the state's precision: a float32 factor would round float64 statistics.
+    dtype = jnp.promote_types(state["running_mean"].dtype, jnp.float32)
     if momentum is None:
-        factor = 1.0 / tracked.astype(jnp.float32)
+        factor = 1 / tracked.astype(dtype)
     else:
-        factor = jnp.float32(momentum)
+        factor = jnp.asarray(momentum, dtype)
     unbiased = m2 / jnp.maximum(count - 1, 1)
     running_mean, running_var = state["running_mean"], state["running_var"]
     seen = count > 0

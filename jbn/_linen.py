@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from jbn import _checks
-from jbn._batch_norm import batch_norm
+from jbn._batch_norm import batch_norm, state_dtype
 from jbn._recalibrate import MOMENTUM_OVERRIDE
 
 
@@ -33,7 +33,8 @@ class _BatchNorm(nn.Module):
       axis_name: mapped axis over which training statistics are synchronized.
       axis_index_groups: groups of devices along ``axis_name`` that share statistics.
       dtype: dtype of the output; None keeps the input's dtype.
-      param_dtype: dtype of ``weight`` and ``bias``.
+      param_dtype: dtype of ``weight`` and ``bias``; the running statistics are float32,
+        or this dtype where wider (float64).
     """
 
     num_features: int
@@ -91,11 +92,12 @@ class _BatchNorm(nn.Module):
         c = self.num_features
         variables = {}
         if self.track_running_stats:
+            stats_dtype = state_dtype(self.param_dtype)
             variables = {
                 "running_mean": self.variable(
-                    "batch_stats", "running_mean", jnp.zeros, (c,), jnp.float32),
+                    "batch_stats", "running_mean", jnp.zeros, (c,), stats_dtype),
                 "running_var": self.variable(
-                    "batch_stats", "running_var", jnp.ones, (c,), jnp.float32),
+                    "batch_stats", "running_var", jnp.ones, (c,), stats_dtype),
                 "num_batches_tracked": self.variable(
                     "batch_stats", "num_batches_tracked", jnp.zeros, (), jnp.int32),
             }

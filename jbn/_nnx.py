@@ -10,7 +10,7 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from jbn import _checks
-from jbn._batch_norm import batch_norm
+from jbn._batch_norm import batch_norm, state_dtype
 from jbn._recalibrate import MOMENTUM_OVERRIDE
 
 
@@ -69,7 +69,8 @@ class _BatchNorm(nnx.Module):
           axis_name: mapped axis over which training statistics are synchronized.
           axis_index_groups: groups of devices along ``axis_name`` that share statistics.
           dtype: dtype of the output; None keeps the input's dtype.
-          param_dtype: dtype of ``weight`` and ``bias``.
+          param_dtype: dtype of ``weight`` and ``bias``; the running statistics are
+            float32, or this dtype where wider (float64).
           use_running_average: start in evaluation mode (default: training, as PyTorch).
           rngs: accepted for signature compatibility with ``nnx.BatchNorm``; unused,
             the initial values are deterministic.
@@ -91,8 +92,8 @@ class _BatchNorm(nnx.Module):
             self.weight = nnx.Param(jnp.ones((c,), param_dtype))
             self.bias = nnx.Param(jnp.zeros((c,), param_dtype))
         if track_running_stats:
-            self.running_mean = nnx.BatchStat(jnp.zeros((c,), jnp.float32))
-            self.running_var = nnx.BatchStat(jnp.ones((c,), jnp.float32))
+            self.running_mean = nnx.BatchStat(jnp.zeros((c,), state_dtype(param_dtype)))
+            self.running_var = nnx.BatchStat(jnp.ones((c,), state_dtype(param_dtype)))
             self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
 
     @property

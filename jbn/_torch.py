@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbn._batch_norm import state_dtype
 from jbn._checks import PARAM_KEYS, STATE_KEYS
 
 _INT32_MAX = np.iinfo(np.int32).max
@@ -36,7 +37,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict[str, 
       ``{"params": {"weight", "bias"}, "batch_stats": {"running_mean", "running_var",
       "num_batches_tracked"}}`` as jax arrays, ready for ``module.apply``; a collection
       is left out when the layer has none of its keys. ``num_batches_tracked`` becomes
-      int32, the running statistics float32; where it is missing (a checkpoint from
+      int32, the running statistics float32 (float64 ones stay float64 with
+      ``jax_enable_x64``); where it is missing (a checkpoint from
       PyTorch before 0.4.1), it is 0, as PyTorch loads it into a fresh layer.
 
     Raises:
@@ -69,7 +71,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict[str, 
             sizes.add(arrays[k].shape[0])
         out = {k: jnp.asarray(arrays[k]) for k in keys[:2]}
         if collection == "batch_stats":
-            out = {k: v.astype(jnp.float32) for k, v in out.items()}
+            out = {k: v.astype(state_dtype(v.dtype)) for k, v in out.items()}
             count = arrays["num_batches_tracked"]
             if count.shape != ():
                 raise ValueError(f"'num_batches_tracked' must be a scalar, got shape {count.shape}")

@@ -132,3 +132,40 @@ def test_linen_modules_match_torch_over_training_steps_then_evaluation(spatial, 
         np.testing.assert_allclose(variables["batch_stats"][key], value, rtol=RTOL, atol=ATOL)
     x = rng.standard_normal(shape).astype(np.float32)
     _assert_close(apply(variables, x, train=False), torch_forward(layer, x, False), "eval output")
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None])
+def test_float64_layers_match_torch_double_over_training_steps_then_evaluation(momentum):
+    # With jax_enable_x64, float64 parameters keep float64 running statistics, updated
+    # in float64 (a float32 momentum factor would round them at 1e-8).
+    import torch
+
+    rng = np.random.default_rng(7)
+    batches = [rng.normal(size=(4, 3, 5, 5)) * 2 + 3 for _ in range(4)]
+    tbn = torch.nn.BatchNorm2d(3, momentum=momentum).double()
+    with jax.enable_x64(True):
+        params, state = jbn.init(3, dtype=jnp.float64)
+        module = jbn.BatchNorm2d(3, momentum=momentum, param_dtype=jnp.float64)
+        variables = module.init(jax.random.key(0), jnp.asarray(batches[0]), train=False)
+        step = jax.jit(lambda s, x: jbn.batch_norm(params, s, x, True, momentum=momentum))
+        for x in batches:
+            y, state = step(state, jnp.asarray(x))
+            ym, updates = module.apply(variables, jnp.asarray(x), train=True,
+                                       mutable=["batch_stats"])
+            variables = {**variables, **updates}
+            ty = tbn(torch.from_numpy(x)).detach().numpy()
+            for got, stats in ((y, state), (ym, variables["batch_stats"])):
+                assert got.dtype == jnp.float64 and stats["running_var"].dtype == jnp.float64
+                np.testing.assert_allclose(got, ty, rtol=1e-12, atol=1e-12)
+                np.testing.assert_allclose(stats["running_mean"], tbn.running_mean.numpy(),
+                                           rtol=1e-13, atol=1e-14)
+                np.testing.assert_allclose(stats["running_var"], tbn.running_var.numpy(),
+                                           rtol=1e-13)
+        # A double torch layer's state dict keeps float64 statistics; evaluation agrees.
+        loaded = jbn.from_torch_state_dict(tbn.state_dict())
+        assert loaded["batch_stats"]["running_mean"].dtype == jnp.float64
+        tbn.eval()
+        x = rng.normal(size=(2, 3, 5, 5)) * 2 + 3
+        np.testing.assert_allclose(module.apply(loaded, jnp.asarray(x), train=False),
+                                   tbn(torch.from_numpy(x)).detach().numpy(), rtol=1e-12,
+                                   atol=1e-12)
