@@ -155,15 +155,49 @@ def check_rank(
 ) -> None:
     """Raises PyTorch's rank error unless ``ndim`` is a batched or the unbatched rank.
 
-    ``batched_ranks=None`` accepts any rank; the message lists every accepted rank, e.g.
-    "expected 3D or 4D input (got 2D input)".
+    ``batched_ranks=None`` accepts any rank from 2 (SyncBatchNorm); the message lists
+    every accepted rank, e.g. "expected 3D or 4D input (got 2D input)".
     """
     if batched_ranks is None:
+        if ndim < 2:
+            raise ValueError(f"expected at least 2D input (got {ndim}D input)")
         return
     accepted = sorted({*batched_ranks, *(() if unbatched_rank is None else (unbatched_rank,))})
     if ndim not in accepted:
         expected = " or ".join(f"{r}D" for r in accepted)
         raise ValueError(f"expected {expected} input (got {ndim}D input)")
+
+
+def module_batch(
+    x: Any, mask: Any, batched_ranks: tuple[int, ...] | None, unbatched_rank: int | None,
+    axis: int, num_features: int, *, one_value_raises: bool,
+) -> tuple[jax.Array, Any, bool]:
+    """A module's input as a batch: ``(x, mask, unbatched)``.
+
+    An unbatched sample (rank ``unbatched_rank``) gains a leading batch axis of 1, as
+    does its mask. Errors name the shape as the module was given it. With
+    ``one_value_raises`` (training without synchronization or mask), a sample with
+    one value per channel raises PyTorch's error.
+    """
+    x = jnp.asarray(x)
+    check_rank(x.ndim, batched_ranks, unbatched_rank)
+    given = tuple(x.shape)
+    unbatched = unbatched_rank is not None and x.ndim == unbatched_rank
+    if unbatched:
+        x = x[None]
+        mask = None if mask is None else jnp.asarray(mask)[None]
+    channels = x.shape[check_input(x, axis)]
+    if channels != num_features:
+        note = f", a sample that axis={axis} reads as batched {tuple(x.shape)}" if unbatched else ""
+        raise ValueError(f"the input has {channels} channels (shape {given}{note}), but the "
+                         f"module has num_features={num_features}")
+    if unbatched and one_value_raises and mask is None:
+        try:
+            if x.size == channels:
+                raise too_few_values(given)
+        except jax.errors.InconclusiveDimensionOperation:
+            pass  # symbolic lengths: see batch_norm
+    return x, mask, unbatched
 
 
 def too_few_values(shape: tuple) -> ValueError:

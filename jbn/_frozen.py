@@ -61,11 +61,9 @@ class FrozenBatchNorm2d(nn.Module):
           ``y``, of ``x``'s shape and dtype.
         """
         del train
-        x = jnp.asarray(x)
-        _checks.check_rank(x.ndim, self._batched_ranks, self._unbatched_rank)
-        unbatched = x.ndim == self._unbatched_rank
-        if unbatched:
-            x = x[None]
+        x, _, unbatched = _checks.module_batch(
+            x, None, self._batched_ranks, self._unbatched_rank, self.axis, self.num_features,
+            one_value_raises=False)
         c = self.num_features
         inits = {"weight": jnp.ones, "bias": jnp.zeros, "running_mean": jnp.zeros,
                  "running_var": jnp.ones}

@@ -108,7 +108,10 @@ def load_torch_state_dict(
       ``num_batches_tracked``); into ``flax.linen.BatchNorm`` (``scale``, ``bias``,
       ``mean``, ``var``; ``num_batches_tracked`` dropped).
 
-    The kind of layer is read from the Flax variables at the mapped path.
+    The kind of layer is read from the Flax variables at the mapped path, which do not
+    tell a ``nn.ConvTranspose`` from a ``nn.Conv``: transposed convolutions (torch's
+    weight ``(I, O, *spatial)``, and a flipped kernel) are not supported, and one whose
+    shapes happen to fit would load as a convolution; map them yourself.
 
     Args:
       variables: the Flax model's variables as ``model.init`` gives them (a template:

@@ -58,9 +58,6 @@ class _BatchNorm(nn.Module):
         _checks.check_momentum(self.momentum)
         super().__post_init__()
 
-    def _check_rank(self, ndim: int) -> None:
-        _checks.check_rank(ndim, self._batched_ranks, self._unbatched_rank)
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; in training also updates ``batch_stats`` (make it mutable).
@@ -75,16 +72,9 @@ class _BatchNorm(nn.Module):
         Returns:
           ``y``, of ``x``'s shape.
         """
-        x = jnp.asarray(x)
-        self._check_rank(x.ndim)
-        unbatched = self._unbatched_rank is not None and x.ndim == self._unbatched_rank
-        if unbatched:
-            x = x[None]
-            mask = None if mask is None else jnp.asarray(mask)[None]
-        channels = x.shape[_checks.check_input(x, self.axis)]
-        if channels != self.num_features:
-            raise ValueError(f"the input has {channels} channels (shape {x.shape}), but the "
-                             f"module has num_features={self.num_features}")
+        x, mask, unbatched = _checks.module_batch(
+            x, mask, self._batched_ranks, self._unbatched_rank, self.axis, self.num_features,
+            one_value_raises=train and self.axis_name is None)
         params = {}
         if self.affine:
             params = {"weight": self._param("weight", nn.initializers.ones),
@@ -174,7 +164,3 @@ class SyncBatchNorm(_BatchNorm):
                 "(e.g. axis_name='batch' with jax.pmap(..., axis_name='batch'))"
             )
         super().__post_init__()
-
-    def _check_rank(self, ndim: int) -> None:
-        if ndim < 2:
-            raise ValueError(f"expected at least 2D input (got {ndim}D input)")

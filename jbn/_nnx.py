@@ -110,9 +110,6 @@ class _BatchNorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
-    def _check_rank(self, ndim: int) -> None:
-        _checks.check_rank(ndim, self._batched_ranks, self._unbatched_rank)
-
     def __call__(
         self, x: jax.Array, *, train: bool | None = None, mask: jax.Array | None = None
     ) -> jax.Array:
@@ -130,12 +127,9 @@ class _BatchNorm(nnx.Module):
           ``y``, of ``x``'s shape.
         """
         train = self.training if train is None else train
-        x = jnp.asarray(x)
-        self._check_rank(x.ndim)
-        unbatched = self._unbatched_rank is not None and x.ndim == self._unbatched_rank
-        if unbatched:
-            x = x[None]
-            mask = None if mask is None else jnp.asarray(mask)[None]
+        x, mask, unbatched = _checks.module_batch(
+            x, mask, self._batched_ranks, self._unbatched_rank, self.axis, self.num_features,
+            one_value_raises=train and self.axis_name is None)
         params = {"weight": self.weight[...], "bias": self.bias[...]} if self.affine else {}
         keys = _checks.STATE_KEYS if self.track_running_stats else ()
         state = {k: getattr(self, k)[...] for k in keys}
@@ -204,7 +198,3 @@ class SyncBatchNorm(_BatchNorm):
                 "SyncBatchNorm needs axis_name, the mapped axis to synchronize over "
                 "(e.g. axis_name='batch' with jax.vmap(..., axis_name='batch'))"
             )
-
-    def _check_rank(self, ndim: int) -> None:
-        if ndim < 2:
-            raise ValueError(f"expected at least 2D input (got {ndim}D input)")

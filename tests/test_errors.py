@@ -48,6 +48,26 @@ def test_module_channel_count_mismatch_names_both_counts():
             jbn.BatchNorm1d(4, affine=affine).apply(variables, jnp.ones((2, 3)), train=False)
 
 
+def test_module_errors_for_an_unbatched_sample_name_the_shape_given():
+    from jbn import nnx as jnnx
+
+    message = re.escape("Expected more than 1 value per channel when training, got input of "
+                        "shape (3, 1, 1)")
+    x = jnp.ones((3, 1, 1))
+    variables = jbn.BatchNorm2d(3).init(jax.random.key(0), x, train=False)
+    with pytest.raises(ValueError, match=message):
+        jbn.BatchNorm2d(3).apply(variables, x, train=True, mutable=["batch_stats"])
+    with pytest.raises(ValueError, match=message):
+        jnnx.BatchNorm2d(3)(x)
+    with pytest.raises(ValueError, match=re.escape("4 channels (shape (4, 5, 5), a sample")):
+        jbn.BatchNorm2d(3).init(jax.random.key(0), jnp.ones((4, 5, 5)), train=False)
+    # Frozen and nnx layers name the module's channel count, not a variable's.
+    for call in (lambda x: jnnx.BatchNorm2d(3)(x),
+                 lambda x: jbn.FrozenBatchNorm2d(3).init(jax.random.key(0), x)):
+        with pytest.raises(ValueError, match=r"4 channels \(shape \(2, 4, 5, 5\)\).*num_features=3"):
+            call(jnp.ones((2, 4, 5, 5)))
+
+
 @pytest.mark.parametrize(
     "module, ndim, message",
     [
