@@ -111,7 +111,9 @@ def batch_norm(
       mask: optional boolean array of ``x``'s shape without the channel axis (or
         broadcastable to it with the same rank, e.g. ``(N, 1)`` for ``(N, C, L)``):
         only positions where it is True enter the batch statistics and the count.
-        Outputs at masked positions are still computed with those statistics. A
+        Outputs at masked positions are still computed with those statistics (so a
+        gradient through them needs finite padding: NaN there gives NaN gradients
+        for ``weight``, ``bias`` and ``x``, even where a loss ignores them). A
         batch without a valid position (or an empty ``x``) is counted in
         ``num_batches_tracked`` and leaves the running statistics as they were, as
         PyTorch does for an empty batch. One valid value (where PyTorch raises, but
