@@ -128,7 +128,9 @@ def batch_norm(
     Raises:
       ValueError: one value per channel in training, channel count differing from
         the parameters, bad ``axis``, ``eps`` or ``momentum``, a misshapen ``mask``.
-      TypeError: a non-floating input or a non-bool ``train``.
+      TypeError: a non-array or non-floating input, a non-bool ``train``, ``params``
+        or ``state`` that is not a mapping, a non-boolean ``mask``, or ``axis``,
+        ``eps`` or ``momentum`` of the wrong type.
       NameError: ``axis_name`` not bound by an enclosing map.
     """
     params = {} if params is None else params

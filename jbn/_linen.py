@@ -72,6 +72,7 @@ class _BatchNorm(nn.Module):
         Returns:
           ``y``, of ``x``'s shape.
         """
+        train = _checks.check_train(train)
         x, mask, unbatched = _checks.module_batch(
             x, mask, self._batched_ranks, self._unbatched_rank, self.axis, self.num_features,
             one_value_raises=train and self.axis_name is None)

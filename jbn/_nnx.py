@@ -126,7 +126,7 @@ class _BatchNorm(nnx.Module):
         Returns:
           ``y``, of ``x``'s shape.
         """
-        train = self.training if train is None else train
+        train = _checks.check_train(self.training if train is None else train)
         x, mask, unbatched = _checks.module_batch(
             x, mask, self._batched_ranks, self._unbatched_rank, self.axis, self.num_features,
             one_value_raises=train and self.axis_name is None)

@@ -373,7 +373,7 @@ print("unsynchronized: max |output difference|:", float(jnp.abs(local(variables,
 groups) may hold different numbers of valid images, and the statistics are still exact:""",
     """
 groups = x.reshape(n_dev, -1, 6, 5, 5)
-counts = np.arange(2, 2 + n_dev) % groups.shape[1] + 2       # valid images per group
+counts = np.arange(n_dev) % groups.shape[1] + 1              # valid images per group
 mask = np.arange(groups.shape[1])[None, :] < counts[:, None]  # (groups, per group)
 mask = jnp.asarray(np.broadcast_to(mask[:, :, None, None], (n_dev, groups.shape[1], 5, 5)))
 y_v, st_v = jax.vmap(

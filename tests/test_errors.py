@@ -134,8 +134,16 @@ def test_sync_batch_norm_without_axis_name_raises_at_construction():
 
 
 def test_traced_train_flag_raises_type_error_with_a_hint():
+    from jbn import nnx as jnnx
+
+    x = jnp.ones((4, 3))
     with pytest.raises(TypeError, match="static"):
-        jax.jit(lambda x, t: jbn.batch_norm(*jbn.init(3), x, t))(jnp.ones((4, 3)), True)
+        jax.jit(lambda x, t: jbn.batch_norm(*jbn.init(3), x, t))(x, True)
+    variables = jbn.BatchNorm1d(3).init(jax.random.key(0), x, train=False)
+    with pytest.raises(TypeError, match="static"):
+        jax.jit(lambda x, t: jbn.BatchNorm1d(3).apply(variables, x, t, mutable=True))(x, True)
+    with pytest.raises(TypeError, match="static"):
+        jax.jit(lambda x, t: jnnx.BatchNorm1d(3)(x, train=t))(x, True)
 
 
 def test_axis_out_of_range_raises():

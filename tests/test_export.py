@@ -57,6 +57,8 @@ def test_program_exported_for_any_batch_size_matches_torch_at_each_size(case, tr
     fn = jax.jit(lambda p, s, x: jbn.batch_norm(p, s, x, train, axis=axis))
     exported = export.export(fn)(params, state,
                                  jax.ShapeDtypeStruct(export.symbolic_shape(spec), jnp.float32))
+    # As another process would load it: serialized, then read back.
+    exported = export.deserialize(exported.serialize())
     for i, sizes in enumerate(SIZES):
         x = np.random.default_rng(i).standard_normal(_concrete(spec, sizes)) * 2 + 3
         y, new_state = exported.call(params, state, jnp.asarray(x, jnp.float32))
