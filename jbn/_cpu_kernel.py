@@ -181,11 +181,13 @@ def _per_device(axis_context: object) -> bool:
     return all(size == 1 for name, size in dict(mesh.shape).items() if name not in manual)
 
 
-def _ffi_attributes(q: int, before: tuple = (), after: tuple = ()) -> dict[str, Any]:
-    """The kernel call's attributes: ``q``, and for the statistics the shift's sample
-    as flat positions among a channel's values (static lengths: the kernel runs)."""
+def _ffi_attributes(q: int, before: tuple | None = None, after: tuple | None = None
+                    ) -> dict[str, Any]:
+    """The kernel call's attributes: ``q``, and for the statistics (which have the
+    shift's axes, ``()`` for an input without any) the shift's sample as flat
+    positions among a channel's values (static lengths: the kernel runs)."""
     attributes: dict[str, Any] = {"q": np.int64(q)}
-    if before or after:
+    if before is not None and after is not None:
         dims = [int(d) for d in before + after]
         attributes["at"] = np.asarray(_ninther.positions(dims), np.int64)
     return attributes

@@ -57,18 +57,38 @@ def positions(dims: Sequence[int]) -> list[int]:
     return out
 
 
-def sample_indices(dims: Sequence[Any]) -> list[tuple[int, ...]]:
+def flat_positions(dims: Sequence[Any]) -> list[Any]:
+    """:func:`positions` for lengths that may be symbolic (a program exported for any
+    batch size): then computed when the program runs, as int32 scalars."""
+    if not any(is_symbolic_dim(d) for d in dims):
+        return positions([int(d) for d in dims])
+    lengths = [jnp.asarray(d, jnp.int32) for d in dims]
+    strides = [math.prod(lengths[d + 1:], start=jnp.int32(1)) for d in range(len(dims))]
+    count = math.prod(lengths, start=jnp.int32(1))
+    out = []
+    for i in range(3):
+        t = sum(((2 * ((i + d) % 3) + 1) * length // 6 * stride
+                 for d, (length, stride) in enumerate(zip(lengths, strides))),
+                start=jnp.int32(0))
+        t = jnp.clip(t, 1, count - 2)
+        # Fewer than SAMPLES values: nine times the middle one, whose ninther it is.
+        out += [jnp.where(count < SAMPLES, count // 2, t + j) for j in (-1, 0, 1)]
+    return out
+
+
+def sample_indices(dims: Sequence[Any]) -> list[tuple[Any, ...]]:
     """The sampled values' indices along axes of lengths ``dims`` (the reduced axes, in order).
 
-    A symbolic length (a program exported for any batch size) is sampled at index 0.
+    Python ints; computed when the program runs (int32 scalars) where a length is
+    symbolic.
     """
-    static = static_dims(dims)
-    return [tuple(int(j) for j in np.unravel_index(t, static)) for t in positions(static)]
-
-
-def static_dims(dims: Sequence[Any]) -> list[int]:
-    """``dims`` with each symbolic length (any batch size) taken as 1."""
-    return [1 if is_symbolic_dim(d) else int(d) for d in dims]
+    if not any(is_symbolic_dim(d) for d in dims):
+        static = [int(d) for d in dims]
+        return [tuple(int(j) for j in np.unravel_index(t, static)) for t in positions(static)]
+    lengths = [jnp.asarray(d, jnp.int32) for d in dims]
+    strides = [math.prod(lengths[d + 1:], start=jnp.int32(1)) for d in range(len(dims))]
+    return [tuple(t // stride % length for length, stride in zip(lengths, strides))
+            for t in flat_positions(dims)]
 
 
 def median3(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:

@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-from jax.export import is_symbolic_dim
 
 from jbn import _cpu_kernel, _ninther
 from jbn._layout import RowView
@@ -59,7 +58,7 @@ def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
     reduced = [i for i in range(x.ndim) if i != axis]
     if not reduced:
         return jax.lax.stop_gradient(x)
-    where = _ninther.sample_indices([x.shape[i] for i in reduced])
+    dims = [x.shape[i] for i in reduced]
 
     def at(idx: tuple) -> jax.Array:
         index: list[Any] = list(idx)
@@ -67,15 +66,15 @@ def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
         return x[tuple(index)]
 
     if mask is None:
-        values = [at(idx) for idx in where]
+        values = [at(idx) for idx in _ninther.sample_indices(dims)]
     else:
-        values = _valid_values_at_or_before(x, axis, mask, where)
+        values = _valid_values_at_or_before(x, axis, mask, _ninther.flat_positions(dims))
     return jax.lax.stop_gradient(_ninther.ninther(values))
 
 
 def _valid_values_at_or_before(x: jax.Array, axis: int, mask: jax.Array,
-                               where: list[tuple[int, ...]]) -> list[jax.Array]:
-    """For each index in ``where``: ``x`` at the last valid position at or before it.
+                               where: list[Any]) -> list[jax.Array]:
+    """For each flat position in ``where``: ``x`` at the last valid position at or before it.
 
     Positions in the row-major order of ``mask``'s axes, wrapping around to the last
     valid one; position 0 if none is valid. Each a ``(C,)`` array. Within a padded
@@ -89,11 +88,8 @@ def _valid_values_at_or_before(x: jax.Array, axis: int, mask: jax.Array,
     wrapped = jnp.maximum(before[-1], 0)
     moved = jnp.moveaxis(x, axis, -1)
     values = []
-    for idx in where:
-        t, stride = 0, 1
-        for i, length in zip(reversed(idx), reversed(mask.shape)):
-            t, stride = t + i * stride, stride * length
-        found = before[jnp.asarray(t) if is_symbolic_dim(t) else t]
+    for t in where:
+        found = before[t]
         position = jnp.where(found >= 0, found, wrapped)
         values.append(moved[jnp.unravel_index(position, mask.shape)])
     return values

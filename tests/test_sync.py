@@ -356,6 +356,39 @@ def test_axis_name_given_as_a_list_equals_the_tuple():
     np.testing.assert_allclose(got[1]["running_var"][1, 3], global_state["running_var"], rtol=1e-6)
 
 
+@pytest.mark.parametrize("style", ["pmap", "vmap"])
+def test_one_feature_vector_per_device_equals_the_global_batch_and_torch(style):
+    # A model written for one example, (C,), mapped over the batch with axis_name.
+    params, state = _variables()
+    x = np.random.default_rng(5).normal(size=(D, C)).astype(np.float32) * 2 + 3
+    dy = np.random.default_rng(6).normal(size=(D, C)).astype(np.float32)
+
+    def step(params, x, dy):
+        (gp, gx), (y, new_state) = _grad_loss(params, state, x, dy, 0, AXIS)
+        return y, new_state, gx, gp
+
+    if style == "pmap":
+        y, new_state, gx, gp = jax.pmap(step, axis_name=AXIS, in_axes=(None, 0, 0))(params, x, dy)
+    else:
+        y, new_state, gx, gp = jax.jit(jax.vmap(step, axis_name=AXIS, in_axes=(None, 0, 0)))(
+            params, x, dy)
+    _assert_same_on_every_device(new_state)
+    state0 = jax.tree.map(lambda v: v[0], new_state)
+    bn = torch.nn.BatchNorm1d(C, eps=EPS, momentum=MOMENTUM)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor(np.asarray(params["weight"])))
+        bn.bias.copy_(torch.tensor(np.asarray(params["bias"])))
+        bn.running_mean.copy_(torch.tensor(np.asarray(state["running_mean"])))
+        bn.running_var.copy_(torch.tensor(np.asarray(state["running_var"])))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = bn(xt)
+    (yt * torch.from_numpy(dy)).sum().backward()
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(state0["running_var"], bn.running_var.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gp["weight"].sum(0), bn.weight.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_evaluation_under_pmap_uses_running_statistics_without_communicating():
     params, state = _variables()
     x, _ = _batch("NCHW")
