@@ -145,13 +145,16 @@ def batch_norm(
         target = _checks.check_mask(mask, x.shape, axis)
         mask = jnp.broadcast_to(jnp.asarray(mask), target)
     out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+    if axis_index_groups is not None and axis_name is None:
+        raise ValueError("axis_index_groups divides the devices along axis_name; "
+                         "pass axis_name too")
     # PyTorch synchronizes only in training.
     axis_name = axis_name if train else None
     if isinstance(axis_name, list):  # a static argument below: hashable
         axis_name = tuple(axis_name)
-    if train or not state:
-        _check_count(x.shape, axis, mask, axis_name)
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
+    if train or not state:
+        _check_count(x.shape, axis, mask, axis_name, groups)
     return _compiled(params, state, x, mask, train=train, axis=axis, eps=eps,
                      momentum=momentum, axis_name=axis_name, axis_index_groups=groups,
                      out_dtype=out_dtype,
@@ -279,8 +282,9 @@ def _normalize_with_batch_stats(
     return forward(x, weight, bias, mask)
 
 
-def _check_count(shape: tuple, axis: int, mask: Any, axis_name: Any) -> None:
-    """Raises PyTorch's error when the batch holds one value per channel."""
+def _check_count(shape: tuple, axis: int, mask: Any, axis_name: Any, groups: Any) -> None:
+    """Raises PyTorch's error when the batch (of a group of devices) holds one value per
+    channel; checks that ``axis_name`` is bound and ``groups`` divide its devices."""
     if axis_name is not None:
         try:
             devices = jax.lax.axis_size(axis_name)
@@ -289,6 +293,8 @@ def _check_count(shape: tuple, axis: int, mask: Any, axis_name: Any) -> None:
                 f"axis_name {axis_name!r} is not bound: call batch_norm inside jax.pmap, "
                 f"shard_map or jax.vmap with axis_name={axis_name!r}, or pass axis_name=None"
             ) from e
+        if groups is not None:
+            devices = _checks.check_groups(groups, devices, axis_name)
     else:
         devices = 1
     per_device = 1

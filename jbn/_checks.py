@@ -200,6 +200,20 @@ def module_batch(
     return x, mask, unbatched
 
 
+def check_groups(groups: tuple[tuple[Any, ...], ...], devices: int, axis_name: Any) -> int:
+    """The size of each group of ``axis_index_groups``; raises unless the groups, of one
+    size, hold each of the ``devices`` indices along ``axis_name`` once."""
+    indices = [i for group in groups for i in group]
+    if (not groups or len({len(group) for group in groups}) != 1
+            or sorted(indices) != list(range(devices))):
+        raise ValueError(
+            f"axis_index_groups must divide the {devices} devices along {axis_name!r} into "
+            f"groups of one size, each index 0..{devices - 1} in exactly one group; got "
+            f"{[list(group) for group in groups]}"
+        )
+    return len(groups[0])
+
+
 def too_few_values(shape: tuple) -> ValueError:
     """PyTorch's error for a batch with a single value per channel."""
     return ValueError(

@@ -514,6 +514,27 @@ def test_axis_index_groups_normalize_each_group_alone(groups):
         _assert_matches(got, want)
 
 
+def test_axis_index_groups_are_checked_against_the_devices_and_the_one_value_rule():
+    params, state = _variables()
+    x = np.ones((D, 1, C), np.float32)  # one value per channel on each device
+
+    def run(groups, x=x, axis_name=AXIS):
+        f = lambda x: jbn.batch_norm(params, state, x, True, axis_name=axis_name,  # noqa: E731
+                                     axis_index_groups=groups)
+        return jax.pmap(f, axis_name=AXIS)(x)
+
+    # Groups of one device: one value per channel in each group, as torch's
+    # SyncBatchNorm over a process group of one refuses.
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        run([[i] for i in range(D)])
+    run([[0, 1, 2, 3], [4, 5, 6, 7]])  # two values per channel and group
+    for bad in ([[0, 1, 2], [3, 4, 5, 6, 7]], [[0, 1], [2, 3]], [[0, 1, 2, 3], [3, 4, 5, 6]]):
+        with pytest.raises(ValueError, match="axis_index_groups must divide the 8 devices"):
+            run(bad)
+    with pytest.raises(ValueError, match="pass axis_name too"):
+        jbn.batch_norm(params, state, x[0], True, axis_index_groups=[[0]])
+
+
 # --- plain jit over a sharded mesh --------------------------------------------------------
 
 
