@@ -85,13 +85,15 @@ def _concat(a):
 
 
 def _torch_reference(params, state, x, dy, axis):
-    """``torch.nn.BatchNorm2d`` in training on ``x``: ``(y, state, dx, dweight, dbias)``, numpy.
+    """``torch.nn.BatchNorm2d`` (``1d`` for ``(N, C)``) in training on ``x``: ``(y, state, dx,
+    dweight, dbias)``, numpy.
 
     The loss is ``sum(y * dy)``, differentiated by PyTorch's autograd.
     """
     to_nchw = (lambda a: a) if axis == 1 else (lambda a: np.moveaxis(a, -1, 1))
     from_nchw = (lambda a: a) if axis == 1 else (lambda a: np.moveaxis(a, 1, -1))
-    bn = torch.nn.BatchNorm2d(C, eps=EPS, momentum=MOMENTUM)
+    layer = torch.nn.BatchNorm2d if x.ndim == 4 else torch.nn.BatchNorm1d
+    bn = layer(C, eps=EPS, momentum=MOMENTUM)
     with torch.no_grad():
         bn.weight.copy_(torch.tensor(np.asarray(params["weight"])))
         bn.bias.copy_(torch.tensor(np.asarray(params["bias"])))
@@ -374,19 +376,8 @@ def test_one_feature_vector_per_device_equals_the_global_batch_and_torch(style):
             params, x, dy)
     _assert_same_on_every_device(new_state)
     state0 = jax.tree.map(lambda v: v[0], new_state)
-    bn = torch.nn.BatchNorm1d(C, eps=EPS, momentum=MOMENTUM)
-    with torch.no_grad():
-        bn.weight.copy_(torch.tensor(np.asarray(params["weight"])))
-        bn.bias.copy_(torch.tensor(np.asarray(params["bias"])))
-        bn.running_mean.copy_(torch.tensor(np.asarray(state["running_mean"])))
-        bn.running_var.copy_(torch.tensor(np.asarray(state["running_var"])))
-    xt = torch.from_numpy(x).requires_grad_(True)
-    yt = bn(xt)
-    (yt * torch.from_numpy(dy)).sum().backward()
-    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(state0["running_var"], bn.running_var.numpy(), rtol=1e-5)
-    np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(gp["weight"].sum(0), bn.weight.grad.numpy(), rtol=1e-5, atol=1e-5)
+    got = (y, state0, gx, gp["weight"].sum(0), gp["bias"].sum(0))
+    _assert_matches(got, _torch_reference(params, state, x, dy, 1))
 
 
 def test_evaluation_under_pmap_uses_running_statistics_without_communicating():
