@@ -22,9 +22,15 @@ Params = Mapping[str, jax.Array]
 State = Mapping[str, jax.Array]
 
 
-def state_dtype(dtype: DTypeLike) -> jnp.dtype:
-    """The running statistics' dtype for parameters of ``dtype``: float32, or wider."""
-    return jnp.promote_types(dtype, jnp.float32)
+def at_least_float32(*dtypes: DTypeLike) -> jnp.dtype:
+    """float32, or the widest of ``dtypes`` where that is wider (float64): the dtype of
+    the statistics, of the running statistics and of the computation.
+
+    Chosen by width rather than by JAX's type promotion, which refuses bfloat16 with
+    float32 under ``jax.numpy_dtype_promotion("strict")``.
+    """
+    wider = [jnp.dtype(d) for d in dtypes if jnp.dtype(d).itemsize > 4]
+    return max(wider, key=lambda d: d.itemsize) if wider else jnp.dtype(jnp.float32)
 
 
 def init(
@@ -57,8 +63,8 @@ def init(
         params = {"weight": jnp.ones((c,), dtype), "bias": jnp.zeros((c,), dtype)}
     if track_running_stats:
         state = {
-            "running_mean": jnp.zeros((c,), state_dtype(dtype)),
-            "running_var": jnp.ones((c,), state_dtype(dtype)),
+            "running_mean": jnp.zeros((c,), at_least_float32(dtype)),
+            "running_var": jnp.ones((c,), at_least_float32(dtype)),
             "num_batches_tracked": jnp.zeros((), jnp.int32),
         }
     return params, state
@@ -123,7 +129,10 @@ def batch_norm(
 
     Returns:
       ``(y, new_state)``: ``y`` of ``x``'s shape; ``new_state`` of ``state``'s
-      structure (equal to ``state`` in evaluation).
+      structure (equal to ``state`` in evaluation). As PyTorch updates its buffers
+      outside autograd, ``new_state`` carries no derivative in ``x`` (or the
+      parameters): the batch statistics enter it as constants, the old running
+      statistics with their factor ``1 - momentum``.
 
     Raises:
       ValueError: one value per channel in training, channel count differing from
@@ -181,7 +190,7 @@ def _compiled(
     the cache never returns a program traced under other ones.
     """
     del choices
-    compute = jnp.promote_types(x.dtype, jnp.float32)
+    compute = at_least_float32(x.dtype)
     weight, bias = params.get("weight"), params.get("bias")
 
     use_batch_stats = train or not state
@@ -328,7 +337,7 @@ def _update_state(
     mean, m2, count = (jax.lax.stop_gradient(v) for v in (mean, m2, count))
     tracked = state["num_batches_tracked"] + 1
     # In the state's precision: a float32 factor would round float64 statistics.
-    dtype = jnp.promote_types(state["running_mean"].dtype, jnp.float32)
+    dtype = at_least_float32(state["running_mean"].dtype)
     if momentum is None:
         factor = 1 / tracked.astype(dtype)
     else:

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jbn._batch_norm import at_least_float32
+
 
 def fold_conv_bn(
     kernel: ArrayLike,
@@ -60,7 +62,7 @@ def fold_conv_bn(
         )
     params = bn_variables.get("params") or {}
     kernel = jnp.asarray(kernel)
-    dtype = jnp.result_type(kernel.dtype, stats["running_var"].dtype, jnp.float32)
+    dtype = at_least_float32(kernel.dtype, jnp.asarray(stats["running_var"]).dtype)
     out_axis = kernel.ndim - 1 if layout == "HWIO" else 0
     out = kernel.shape[out_axis]
     mean = jnp.asarray(stats["running_mean"], dtype)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from jbn import _checks
-from jbn._batch_norm import batch_norm, state_dtype
+from jbn._batch_norm import at_least_float32, batch_norm
 from jbn._recalibrate import MOMENTUM_OVERRIDE
 
 
@@ -83,7 +83,7 @@ class _BatchNorm(nn.Module):
         c = self.num_features
         variables = {}
         if self.track_running_stats:
-            stats_dtype = state_dtype(self.param_dtype)
+            stats_dtype = at_least_float32(self.param_dtype)
             variables = {
                 "running_mean": self.variable(
                     "batch_stats", "running_mean", jnp.zeros, (c,), stats_dtype),

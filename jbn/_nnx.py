@@ -10,7 +10,7 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from jbn import _checks
-from jbn._batch_norm import batch_norm, state_dtype
+from jbn._batch_norm import at_least_float32, batch_norm
 from jbn._recalibrate import MOMENTUM_OVERRIDE
 
 
@@ -92,8 +92,8 @@ class _BatchNorm(nnx.Module):
             self.weight = nnx.Param(jnp.ones((c,), param_dtype))
             self.bias = nnx.Param(jnp.zeros((c,), param_dtype))
         if track_running_stats:
-            self.running_mean = nnx.BatchStat(jnp.zeros((c,), state_dtype(param_dtype)))
-            self.running_var = nnx.BatchStat(jnp.ones((c,), state_dtype(param_dtype)))
+            self.running_mean = nnx.BatchStat(jnp.zeros((c,), at_least_float32(param_dtype)))
+            self.running_var = nnx.BatchStat(jnp.ones((c,), at_least_float32(param_dtype)))
             self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
 
     @property

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbn._batch_norm import state_dtype
+from jbn._batch_norm import at_least_float32
 from jbn._checks import PARAM_KEYS, STATE_KEYS
 
 _INT32_MAX = np.iinfo(np.int32).max
@@ -71,7 +71,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict[str, 
             sizes.add(arrays[k].shape[0])
         out = {k: jnp.asarray(arrays[k]) for k in keys[:2]}
         if collection == "batch_stats":
-            out = {k: v.astype(state_dtype(v.dtype)) for k, v in out.items()}
+            out = {k: v.astype(at_least_float32(v.dtype)) for k, v in out.items()}
             count = arrays["num_batches_tracked"]
             if count.shape != ():
                 raise ValueError(f"'num_batches_tracked' must be a scalar, got shape {count.shape}")

@@ -269,3 +269,27 @@ def test_direct_calls_trace_batch_norm_once_per_signature(monkeypatch):
     assert len(traces) == 1
     jbn.batch_norm(params, state, _x(shape=(4, 3, 5, 7)), True, eps=3e-5)  # a new signature
     assert len(traces) == 2
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_runs_under_strict_dtype_promotion_as_under_standard(dtype):
+    # The float32 computation of low-precision input is chosen by width, not by JAX's
+    # promotion, which refuses bfloat16 with float32 in strict mode.
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3, 5, 5)) + 2, dtype)
+    module = jbn.BatchNorm2d(3, param_dtype=dtype)
+
+    def run():
+        params, state = jbn.init(3, dtype=dtype)
+        loss = lambda p, x: jnp.sum(jbn.batch_norm(p, state, x, True)[0].astype(jnp.float32))  # noqa: E731
+        variables = module.init(jax.random.key(0), x, train=False)
+        y, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+        return (jbn.batch_norm(params, state, x, True), jbn.batch_norm(params, state, x, False),
+                jax.grad(loss, argnums=(0, 1))(params, x), y, updates,
+                jbn.fold_conv_bn(jnp.ones((3, 3, 2, 3), dtype), None, variables))
+
+    want = run()
+    with jax.numpy_dtype_promotion("strict"):
+        got = run()
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
