@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -258,7 +259,10 @@ constexpr int64_t kTaskValues = 1 << 15;
 // Values per channel whose ninther is the shift (jbn/_ninther.py's SAMPLES).
 constexpr int64_t kSamples = 9;
 
+// The median of three values; NaN if any is NaN, as jbn/_ninther.py's median3 (XLA's
+// minimum and maximum propagate NaN, where std::min and std::max drop it by position).
 inline float Median3(float a, float b, float c) {
+  if (std::isnan(a) || std::isnan(b) || std::isnan(c)) return a + b + c;
   return std::max(std::min(a, b), std::min(std::max(a, b), c));
 }
 
