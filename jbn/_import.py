@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta
 
 from jbn._frozen import FrozenBatchNorm2d
 from jbn._torch import _to_numpy, from_torch_state_dict
@@ -47,6 +48,12 @@ def _convert_layer(
     where = f"torch '{prefix}' -> flax '{'/'.join(path)}'"
     if "kernel" in params:
         out = {}
+        if "weight" in tensors and tensors["weight"].ndim < 2:
+            raise ValueError(
+                f"{where}: the Flax layer is a Conv or Dense ('kernel'), but the torch "
+                f"layer's weight has shape {tensors['weight'].shape}, not (out, in, ...): "
+                "check name_map"
+            )
         if "weight" in tensors:
             out[("params", "kernel")] = _conv_or_dense_kernel(tensors.pop("weight"))
         if "bias" in tensors and "bias" in params:
@@ -81,9 +88,12 @@ def _convert_layer(
 
 
 def _set(tree: dict[str, Any], path: Path, value: Any) -> None:
+    """Sets the leaf at ``path``; a boxed leaf (``nn.Partitioned`` and other axis
+    metadata) keeps its box around the new value."""
     for name in path[:-1]:
         tree = tree[name]
-    tree[path[-1]] = value
+    old = tree[path[-1]]
+    tree[path[-1]] = old.replace_boxed(value) if isinstance(old, meta.AxisMetadata) else value
 
 
 def _copy(tree: Any) -> Any:
@@ -140,6 +150,7 @@ def load_torch_state_dict(
     out = _copy(variables)
     filled: set[tuple[str, Path]] = set()
     unused: list[str] = []
+    loaded_from: dict[Path, str] = {}
     for prefix, tensors in groups.items():
         if name_map is None:
             path: Path = tuple(prefix.split(".")) if prefix else ()
@@ -148,6 +159,10 @@ def load_torch_state_dict(
         else:
             unused += [f"{prefix}.{k}" for k in tensors]
             continue
+        if path in loaded_from:
+            raise KeyError(f"torch layers '{loaded_from[path]}' and '{prefix}' both map to "
+                           f"flax '{'/'.join(path)}': one would overwrite the other")
+        loaded_from[path] = prefix
         template = {c: _leaves(_subtree(variables[c], path)) for c in variables}
         template = {c: t for c, t in template.items() if t}
         if not template:
@@ -157,7 +172,7 @@ def load_torch_state_dict(
         converted = _convert_layer(prefix, path, remaining, template)
         unused += [f"{prefix}.{k}" for k in remaining]
         for (collection, name), value in converted.items():
-            target = template.get(collection, {}).get(name)
+            target = meta.unbox(template.get(collection, {}).get(name))
             if target is None:
                 unused.append(f"{prefix} -> {collection}/{'/'.join(path)}/{name}")
                 continue
@@ -173,7 +188,8 @@ def load_torch_state_dict(
     missing = [
         f"{c}/{'/'.join(str(getattr(k, 'key', k)) for k in kp)}"
         for c in variables
-        for kp, _ in jax.tree_util.tree_flatten_with_path(variables[c])[0]
+        for kp, _ in jax.tree_util.tree_flatten_with_path(
+            variables[c], is_leaf=lambda v: isinstance(v, meta.AxisMetadata))[0]
         if (c, tuple(str(getattr(k, "key", k)) for k in kp)) not in filled
     ]
     if unused or missing:

@@ -106,7 +106,13 @@ class _BatchNorm(nnx.Module):
         self.use_running_average = not value
 
     def set_view(self, use_running_average: bool | None = None) -> None:
-        """Sets the mode for ``nnx.view(model, use_running_average=...)``."""
+        """Sets the mode for ``nnx.view(model, use_running_average=...)``.
+
+        Args:
+          use_running_average: if True, evaluation (the running statistics); if
+            False, training (batch statistics, updated running statistics); None
+            leaves the mode as it is.
+        """
         if use_running_average is not None:
             self.use_running_average = use_running_average
 

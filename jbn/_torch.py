@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta
 
 from jbn._batch_norm import at_least_float32
 from jbn._checks import PARAM_KEYS, STATE_KEYS
@@ -116,7 +117,7 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
                 f"missing {missing}, unexpected {extra}"
             )
         for k in keys:
-            value = np.array(tree[k])
+            value = np.array(meta.unbox(tree[k]))  # nn.Partitioned and other boxes: the value
             state_dict[k] = value.astype(np.float32) if value.dtype == jnp.bfloat16 else value
     if "num_batches_tracked" in state_dict:
         state_dict["num_batches_tracked"] = state_dict["num_batches_tracked"].astype(np.int64)

@@ -216,3 +216,37 @@ def test_shape_mismatch_names_both_shapes():
     state_dict["head.weight"] = torch.ones(2, 5)
     with pytest.raises(ValueError, match=r"head.*\(5, 2\).*\(4, 2\)"):
         jbn.load_torch_state_dict(template, state_dict)
+
+
+def test_partitioned_variables_load_inside_their_boxes():
+    # Models with sharded initializers (nn.with_partitioning) give boxed variables.
+    import flax.linen as nn
+
+    state_dict, template = _small_pair()
+    boxed = jax.tree.map(lambda v: nn.Partitioned(v, names=(None,) * v.ndim), template)
+    variables = jbn.load_torch_state_dict(boxed, state_dict)
+    kernel = variables["params"]["head"]["kernel"]
+    assert isinstance(kernel, nn.Partitioned)
+    np.testing.assert_array_equal(kernel.value, state_dict["head.weight"].numpy().T)
+    plain = jbn.load_torch_state_dict(template, state_dict)
+    jax.tree.map(np.testing.assert_array_equal, nn.meta.unbox(variables), plain)
+    # ... and a batch norm's boxed variables export as plain arrays.
+    exported = jbn.to_torch_state_dict({c: variables[c]["bn"] for c in variables if c != "params"}
+                                       | {"params": variables["params"]["bn"]})
+    np.testing.assert_array_equal(exported["running_var"], state_dict["bn.running_var"].numpy())
+    assert exported["weight"].dtype == np.float32
+
+
+def test_two_torch_layers_mapped_to_one_flax_layer_raise():
+    state_dict, template = _small_pair()
+    for k in [k for k in state_dict if k.startswith("bn.")]:
+        state_dict["bn2." + k[3:]] = state_dict[k] + 1
+    name_map = {"conv": "conv", "bn": "bn", "bn2": "bn", "head": "head"}
+    with pytest.raises(KeyError, match="'bn' and 'bn2' both map to flax 'bn'"):
+        jbn.load_torch_state_dict(template, state_dict, name_map)
+
+
+def test_batch_norm_mapped_onto_a_dense_layer_names_both():
+    state_dict, template = _small_pair()
+    with pytest.raises(ValueError, match=r"torch 'bn' -> flax 'head'.*Conv or Dense.*\(4,\)"):
+        jbn.load_torch_state_dict(template, state_dict, {"conv": "conv", "bn": "head"})

@@ -207,3 +207,10 @@ def test_gradients_match_torch():
     grads = nnx.grad(loss, argnums=(0, 1))(bn, jnp.asarray(x))
     np.testing.assert_allclose(grads[1], tx.grad.numpy(), 1e-4, 1e-5)
     np.testing.assert_allclose(grads[0]["weight"][...], tbn.weight.grad.numpy(), 1e-4, 1e-5)
+
+
+@pytest.mark.skipif(not hasattr(nnx, "view_info"), reason="flax without nnx.view_info")
+def test_view_info_documents_the_mode_switch():
+    # Flax reads set_view's docstring for view_info; it needs an Args section.
+    model = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), jnnx.BatchNorm1d(4))
+    assert "use_running_average" in str(nnx.view_info(model))
