@@ -17,6 +17,16 @@ import jax
 import numpy as np
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    import argparse
+
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def sync(out: Any) -> Any:
     """Waits for every array in ``out``: jax arrays with ``block_until_ready``, torch on the device."""
     leaves = jax.tree_util.tree_leaves(out)

@@ -402,13 +402,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
     parser.add_argument("--out", default=None, help="write the markdown table here")
-    parser.add_argument("--batch", type=int, default=None,
+    parser.add_argument("--batch", type=_common.positive_int, default=None,
                         help="batch size (default: 256 on a GPU, 2 on a CPU)")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--cores", type=int, nargs="+", default=None,
+    parser.add_argument("--repeats", type=_common.positive_int, default=None)
+    parser.add_argument("--cores", type=_common.positive_int, nargs="+", default=None,
                         help="core counts to measure on, one section each (default: all "
                         "cores, and also 1 on a CPU with more than one)")
-    parser.add_argument("--processes", type=int, default=None,
+    parser.add_argument("--processes", type=_common.positive_int, default=None,
                         help="measure in this many fresh processes and report the median "
                         "(default: 3, or 1 with --quick)")
     # Used by --processes for each of its processes.

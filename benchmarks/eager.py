@@ -42,8 +42,10 @@ def layers(shape: tuple[int, ...], seed: int = 0) -> dict[str, dict[str, Callabl
     variables = {"params": params, "batch_stats": state}
     flax_bn = nn.BatchNorm(axis=-1, momentum=0.9, epsilon=1e-5)
     flax_vars = flax_bn.init(jax.random.key(0), x_nhwc, use_running_average=True)
-    torch_bn = torch.nn.BatchNorm2d(c)
-    x_torch = torch.from_numpy(x_nchw)
+    # torch on the device JAX uses: its GPU where there is one.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_bn = torch.nn.BatchNorm2d(c).to(device)
+    x_torch = torch.from_numpy(x_nchw).to(device)
 
     def torch_call(train: bool) -> Callable[[], Any]:
         def call():
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
     parser.add_argument("--out", default=None, help="append the markdown table to this file")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=_common.positive_int, default=None)
     args = parser.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = args.repeats or (3 if args.quick else 21)
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *_common.machine_lines(),
         f"- float32; median of {repeats} interleaved repeats after the first call, which is "
-        "timed alone (compilation included; the module's is the core's)",
+        "timed alone (compilation included; the module's is the core's; flax's follows its "
+        "init at that shape, which has already compiled most of its evaluation)",
         "",
         _common.markdown_table(
             ["shape (NCHW)", "mode", "implementation", "first call ms", "call ms",

@@ -9,7 +9,8 @@
 # counted). Each step has a time limit, so that a slow one leaves the others their time.
 set -uo pipefail
 out=${1:?usage: gpu.sh OUT_DIR}
-mkdir -p "$out"
+# Absolute, as the script moves to the repository's root.
+out=$(mkdir -p "$out" && cd "$out" && pwd) || exit 1
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 # JAX and torch share the GPU: JAX takes half of its memory up front, torch allocates as needed.
@@ -24,6 +25,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --f
 timeout 330 python3 benchmarks/bench.py --out "$out/RESULTS.md" 2>&1 | tee "$out/bench.log"
 timeout 180 python3 benchmarks/resnet_step.py --out "$out/RESULTS.md" 2>&1 | tee "$out/resnet.log"
 timeout 40 python3 benchmarks/eager.py --out "$out/RESULTS.md" 2>&1 | tee "$out/eager.log"
+rm -rf /tmp/jbn-hlo  # this run's programs only
 timeout 45 python3 benchmarks/kernels.py --out "$out/RESULTS.md" --hlo-dir /tmp/jbn-hlo \
     2>&1 | tee "$out/kernels.log"
 tar czf "$out/hlo.tar.gz" -C /tmp jbn-hlo 2>/dev/null

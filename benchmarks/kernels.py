@@ -73,7 +73,7 @@ def report(shape: tuple[int, ...], hlo_dir: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", type=int, nargs=4, default=None,
+    parser.add_argument("--shape", type=_common.positive_int, nargs=4, default=None,
                         help="NCHW shape (default: 256x256x56x56 on a GPU, 2x256x56x56 on a CPU)")
     parser.add_argument("--out", default=None, help="append the markdown table to this file")
     parser.add_argument("--hlo-dir", default=None, help="write each compiled program here")

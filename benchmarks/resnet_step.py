@@ -128,12 +128,14 @@ class ResNet(nn.Module):
 
 
 def flax_step(model: ResNet, images: jax.Array, labels: jax.Array) -> tuple[Callable, Any]:
-    """A jitted training step ``(variables, opt_state) -> (variables, opt_state, loss)``."""
+    """A jitted training step ``(variables, opt_state, images, labels) -> (variables,
+    opt_state, loss)`` and its arguments: the batch is one (not a constant of the
+    program, which XLA could fold or hold with the program)."""
     variables = model.init(jax.random.key(0), images[:2], train=False)
     tx = optax.sgd(0.1, momentum=0.9)
     opt_state = tx.init(variables["params"])
 
-    def loss_fn(params, batch_stats):
+    def loss_fn(params, batch_stats, images, labels):
         logits, updates = model.apply({"params": params, "batch_stats": batch_stats},
                                       images.astype(model.dtype), train=True,
                                       mutable=["batch_stats"])
@@ -142,14 +144,14 @@ def flax_step(model: ResNet, images: jax.Array, labels: jax.Array) -> tuple[Call
         return loss, updates["batch_stats"]
 
     @jax.jit
-    def step(variables, opt_state):
+    def step(variables, opt_state, images, labels):
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            variables["params"], variables["batch_stats"])
+            variables["params"], variables["batch_stats"], images, labels)
         updates, opt_state = tx.update(grads, opt_state, variables["params"])
         params = optax.apply_updates(variables["params"], updates)
         return {"params": params, "batch_stats": batch_stats}, opt_state, loss
 
-    return step, (variables, opt_state)
+    return step, (variables, opt_state, images, labels)
 
 
 # ----------------------------------------------------------------------------- torch
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny network and images")
     parser.add_argument("--out", default=None, help="append the markdown tables to this file")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=_common.positive_int, default=None)
     parser.add_argument("--hlo-dir", default=None, help="write each compiled step here")
     args = parser.parse_args(argv)
     gpu = _common.on_gpu()

@@ -36,7 +36,7 @@ def _number(convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str)
 
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
-_non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_seed = _number(int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--epochs", type=_positive_int, default=15, help="total epochs (default 15)")
-    demo.add_argument("--seed", type=_non_negative_int, default=0, help="split, init and shuffling seed (default 0)")
+    demo.add_argument("--seed", type=_seed, default=0, help="split, init and shuffling seed (default 0)")
     demo.add_argument("--lr", type=_positive_float, default=0.5,
                       help="learning rate of SGD with momentum 0.9, both networks (default 0.5)")
     demo.add_argument("--batch-size", type=_positive_int, default=64, help="global batch size (default 64)")
@@ -120,7 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _demo.DemoError as err:
         demo_parser.error(str(err))
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with --resume --out {args.out}", file=sys.stderr)
+        # A checkpoint is written after each epoch: none before the first ends.
+        saved = (args.out / _demo.CHECKPOINT_NAME).exists()
+        hint = f"; continue with --resume --out {args.out}" if saved else ""
+        print(f"\ninterrupted{hint}", file=sys.stderr)
         return 130
     return 0
 

@@ -470,7 +470,11 @@ def run_demo(config: DemoConfig, out_dir: Path, resume: bool = False) -> dict[st
     if resume:
         if not ckpt_path.exists():
             raise DemoError(f"--resume: no checkpoint at {ckpt_path}")
-        start_epoch, saved, states, histories = load_checkpoint(ckpt_path, config, data)
+        try:
+            start_epoch, saved, states, histories = load_checkpoint(ckpt_path, config, data)
+        except (ValueError, KeyError, TypeError) as err:  # msgpack's errors are ValueErrors
+            raise DemoError(f"--resume: {ckpt_path} is not a readable checkpoint of this "
+                            f"demo ({type(err).__name__}: {err})") from err
         for key in ("seed", "lr", "batch_size", "width", "test_fraction"):
             if saved[key] != getattr(config, key):
                 raise DemoError(

@@ -145,6 +145,7 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(short_run: Path, tm
         (["demo", "--batch-size", "5000"], "--batch-size 5000 exceeds the 1437 training images"),
         (["demo", "--no-such-option"], "unrecognized arguments: --no-such-option"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["demo", "--seed", str(2**32)], "--seed: expected an integer from 0 to 2**32 - 1"),
     ],
 )
 def test_bad_arguments_exit_nonzero_with_a_one_line_error(args: list[str], message: str, tmp_path):
@@ -162,6 +163,14 @@ def test_resume_without_a_checkpoint_is_a_one_line_error(tmp_path: Path):
     assert result.stderr.strip().splitlines() == [
         f"jbn demo: error: --resume: no checkpoint at {tmp_path / _demo.CHECKPOINT_NAME}"
     ]
+
+
+def test_resume_from_an_unreadable_checkpoint_is_a_one_line_error(tmp_path: Path):
+    (tmp_path / _demo.CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    result = run_cli("demo", "--epochs", "1", "--resume", "--out", str(tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not a readable checkpoint of this demo" in lines[0], lines
 
 
 def test_no_command_prints_help_and_exits_nonzero():
