@@ -35,60 +35,44 @@ from jax.export import is_symbolic_dim
 SAMPLES = 9
 
 
-def positions(dims: Sequence[int]) -> list[int]:
+def positions(dims: Sequence[Any]) -> list[Any]:
     """Where the sample lies among a channel's values: flat indices, row-major over ``dims``.
 
     ``dims``: the lengths of the reduced axes, in order. Run ``i``'s centre has index
     ``(2k + 1) * L // 6`` with ``k = (i + d) % 3`` along axis ``d`` of length ``L``
     (kept one value from either end of the channel's values); the run is the centre
-    and the values just before and after it. Fewer than ``SAMPLES`` values: the
-    middle one.
+    and the values just before and after it. Fewer than ``SAMPLES`` values: nine times
+    the middle one, whose ninther it is. Python ints; where a length is symbolic (a
+    program exported for any batch size), int32 scalars computed when it runs.
     """
-    count = math.prod(dims)
-    if count < SAMPLES:
-        return [count // 2]
-    strides = [math.prod(dims[d + 1:]) for d in range(len(dims))]
-    out = []
-    for i in range(3):
-        t = sum((2 * ((i + d) % 3) + 1) * length // 6 * stride
-                for d, (length, stride) in enumerate(zip(dims, strides)))
-        t = min(max(t, 1), count - 2)
-        out += [t - 1, t, t + 1]
-    return out
-
-
-def flat_positions(dims: Sequence[Any]) -> list[Any]:
-    """:func:`positions` for lengths that may be symbolic (a program exported for any
-    batch size): then computed when the program runs, as int32 scalars."""
-    if not any(is_symbolic_dim(d) for d in dims):
-        return positions([int(d) for d in dims])
-    lengths = [jnp.asarray(d, jnp.int32) for d in dims]
-    strides = [math.prod(lengths[d + 1:], start=jnp.int32(1)) for d in range(len(dims))]
-    count = math.prod(lengths, start=jnp.int32(1))
+    static = not any(is_symbolic_dim(d) for d in dims)
+    xp, int_type = (np, np.int64) if static else (jnp, jnp.int32)
+    lengths = [xp.asarray(d, int_type) for d in dims]
+    strides = [math.prod(lengths[d + 1:], start=xp.asarray(1, int_type))
+               for d in range(len(dims))]
+    count = math.prod(lengths, start=xp.asarray(1, int_type))
     out = []
     for i in range(3):
         t = sum(((2 * ((i + d) % 3) + 1) * length // 6 * stride
                  for d, (length, stride) in enumerate(zip(lengths, strides))),
-                start=jnp.int32(0))
-        t = jnp.clip(t, 1, count - 2)
-        # Fewer than SAMPLES values: nine times the middle one, whose ninther it is.
-        out += [jnp.where(count < SAMPLES, count // 2, t + j) for j in (-1, 0, 1)]
-    return out
+                start=xp.asarray(0, int_type))
+        t = xp.clip(t, 1, count - 2)
+        out += [xp.where(count < SAMPLES, count // 2, t + j) for j in (-1, 0, 1)]
+    return [int(t) for t in out] if static else out
 
 
 def sample_indices(dims: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """The sampled values' indices along axes of lengths ``dims`` (the reduced axes, in order).
-
-    Python ints; computed when the program runs (int32 scalars) where a length is
-    symbolic.
-    """
-    if not any(is_symbolic_dim(d) for d in dims):
-        static = [int(d) for d in dims]
-        return [tuple(int(j) for j in np.unravel_index(t, static)) for t in positions(static)]
+    """The sampled values' indices along axes of lengths ``dims`` (the reduced axes, in
+    order), from :func:`positions`: Python ints, or int32 scalars where a length is
+    symbolic."""
+    flat = positions(dims)
+    if all(isinstance(t, int) for t in flat):
+        return [tuple(int(j) for j in np.unravel_index(t, [int(d) for d in dims]))
+                for t in flat]
     lengths = [jnp.asarray(d, jnp.int32) for d in dims]
     strides = [math.prod(lengths[d + 1:], start=jnp.int32(1)) for d in range(len(dims))]
     return [tuple(t // stride % length for length, stride in zip(lengths, strides))
-            for t in flat_positions(dims)]
+            for t in flat]
 
 
 def median3(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
@@ -98,6 +82,4 @@ def median3(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
 
 def ninther(values: list[jax.Array]) -> jax.Array:
     """The shift from the values at :func:`positions`, one ``(C,)`` array each, in order."""
-    if len(values) == 1:
-        return values[0]
     return median3(*(median3(*values[i:i + 3]) for i in range(0, SAMPLES, 3)))

@@ -68,7 +68,7 @@ def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
     if mask is None:
         values = [at(idx) for idx in _ninther.sample_indices(dims)]
     else:
-        values = _valid_values_at_or_before(x, axis, mask, _ninther.flat_positions(dims))
+        values = _valid_values_at_or_before(x, axis, mask, _ninther.positions(dims))
     return jax.lax.stop_gradient(_ninther.ninther(values))
 
 
