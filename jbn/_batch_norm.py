@@ -136,7 +136,10 @@ def batch_norm(
 
     Raises:
       ValueError: one value per channel in training, channel count differing from
-        the parameters, bad ``axis``, ``eps`` or ``momentum``, a misshapen ``mask``.
+        the parameters, bad ``axis``, ``eps`` or ``momentum``, a misshapen ``mask``,
+        a 0-d ``x``, ``params`` or ``state`` with other keys than PyTorch's, or
+        ``axis_index_groups`` without ``axis_name`` or not splitting the axis into
+        groups of one size.
       TypeError: a non-array or non-floating input, a non-bool ``train``, ``params``
         or ``state`` that is not a mapping, a non-boolean ``mask``, or ``axis``,
         ``eps`` or ``momentum`` of the wrong type.

@@ -45,7 +45,8 @@ def fold_conv_bn(
 
     Returns:
       ``(kernel, bias)``: the folded kernel, of ``kernel``'s shape and layout, and
-      the folded bias ``(O,)``, in the promoted dtype of the inputs (at least float32).
+      the folded bias ``(O,)``, both in the wider of the kernel's and the running
+      variance's dtypes, at least float32 (``conv_bias`` is cast to it).
 
     Raises:
       ValueError: an unknown layout, no running statistics, or a channel count that

@@ -26,9 +26,9 @@ class _BatchNorm(nnx.Module):
     Attributes:
       weight: ``nnx.Param`` ``(C,)``, ones (only if ``affine``).
       bias: ``nnx.Param`` ``(C,)``, zeros (only if ``affine``).
-      running_mean: ``nnx.BatchStat`` ``(C,)`` float32, zeros (only if
-        ``track_running_stats``).
-      running_var: ``nnx.BatchStat`` ``(C,)`` float32, ones (idem).
+      running_mean: ``nnx.BatchStat`` ``(C,)``, zeros (only if
+        ``track_running_stats``); float32, or ``param_dtype`` where that is wider.
+      running_var: ``nnx.BatchStat`` ``(C,)``, ones (idem).
       num_batches_tracked: ``nnx.BatchStat`` ``()`` int32, 0 (idem).
       use_running_average: True in evaluation mode (NNX's convention, the inverse of
         ``training``).
