@@ -255,18 +255,24 @@ def _normalize_with_batch_stats(
     Differentiation keeps only ``x`` and O(C) statistics for the backward pass: the
     computation is rematerialized except for the values named ``STATS_NAME``.
 
-    ``prevent_cse=False``: the rematerialized values are elementwise in ``x``, which
-    XLA recomputes inside each kernel that reads them whether or not it merges them
-    with the forward pass's, so nothing batch-sized is kept alive by the merge. The
-    barrier that JAX otherwise puts between the two passes would make the incoming
-    gradient (``dy`` after a ReLU's mask, say) a separate array: on a GPU, XLA then
-    writes it and reads it back instead of computing it inside the backward pass's
-    reductions, one extra pass over the batch per batch norm.
+    No barrier (``prevent_cse=False``) except where the CPU kernels run: the
+    rematerialized values are elementwise in ``x``, which XLA recomputes inside each
+    kernel that reads them whether or not it merges them with the forward pass's.
+    The barrier that JAX otherwise puts between the two passes would make the
+    incoming gradient (``dy`` after a ReLU's mask, say) a separate array: on a GPU,
+    XLA then writes it and reads it back instead of computing it inside the backward
+    pass's reductions, one extra pass over the batch per batch norm.
+
+    Where the CPU kernels run, ``dy`` is a separate array anyway (the kernel's
+    operand), and the barrier stays: without it XLA merges the backward pass's
+    conversion of a bfloat16 ``x`` with the forward pass's and serves both from
+    the float32 array that XLA's CPU convolution wrote before rounding, which then
+    stays alive until the backward pass (twice ``x``'s bytes per layer).
     """
 
     @functools.partial(
         jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(STATS_NAME),
-        prevent_cse=False,
+        prevent_cse=_layout.default_on_cpu() and _cpu_kernel.available(),
     )
     def forward(x, weight, bias, mask):
         # Converted once, in the view, for both the statistics and the normalization:
