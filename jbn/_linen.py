@@ -35,6 +35,10 @@ class _BatchNorm(nn.Module):
       dtype: dtype of the output; None keeps the input's dtype.
       param_dtype: dtype of ``weight`` and ``bias``; the running statistics are float32,
         or this dtype where wider (float64).
+      train: the mode, for a layer that is called without it (inside
+        ``nn.Sequential``, which passes call arguments to its first layer only):
+        give it here or at each call, not both (Flax's ``use_running_average``
+        convention, :func:`flax.linen.merge_param`).
     """
 
     num_features: int
@@ -47,6 +51,7 @@ class _BatchNorm(nn.Module):
     axis_index_groups: Any = None
     dtype: DTypeLike | None = None
     param_dtype: DTypeLike = jnp.float32
+    train: bool | None = None
 
     # Accepted input ranks: batched, and the unbatched rank treated as a batch of one.
     _batched_ranks: ClassVar[tuple[int, ...] | None] = None
@@ -56,23 +61,27 @@ class _BatchNorm(nn.Module):
         _checks.check_num_features(self.num_features)
         _checks.check_eps(self.eps)
         _checks.check_momentum(self.momentum)
+        if self.train is not None:
+            _checks.check_train(self.train)
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool, *, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool | None = None, *,
+                 mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; in training also updates ``batch_stats`` (make it mutable).
 
         Args:
           x: input with ``num_features`` channels on ``axis``.
           train: True for batch statistics (and updated running statistics), False
-            for the running statistics.
+            for the running statistics; required here unless the module's ``train``
+            field is set (a ValueError where both or neither are).
           mask: optional boolean array of ``x``'s shape without the channel axis;
             only True positions enter the statistics.
 
         Returns:
           ``y``, of ``x``'s shape.
         """
-        train = _checks.check_train(train)
+        train = _checks.check_train(nn.merge_param("train", self.train, train))
         x, mask, unbatched = _checks.module_batch(
             x, mask, self._batched_ranks, self._unbatched_rank, self.axis, self.num_features,
             one_value_raises=train and self.axis_name is None)

@@ -211,6 +211,33 @@ def test_flax_model_trains_and_evaluates_in_a_jitted_step():
     assert np.isfinite(model.apply(new_variables, x, train=False))
 
 
+def test_mode_as_a_field_runs_layers_inside_sequential_like_torch():
+    # nn.Sequential passes call arguments to its first layer only: a layer inside it
+    # takes its mode from the train field, as torch's layers take it from .train().
+    x = _x((4, 3, 5, 5))
+    torch_model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                                      torch.nn.BatchNorm2d(3, momentum=None))
+
+    def flax_model(train):
+        return nn.Sequential([jbn.BatchNorm2d(3, train=train), nn.relu,
+                              jbn.BatchNorm2d(3, momentum=None, train=train)])
+
+    variables = flax_model(False).init(jax.random.key(0), x)
+    for step in range(2):
+        y, updates = flax_model(True).apply(variables, x + step, mutable=["batch_stats"])
+        variables = {**variables, **updates}
+        want = torch_forward(torch_model, np.asarray(x + step), train=True)
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    for i in range(2):
+        layer, stats = torch_model[2 * i], variables["batch_stats"][f"layers_{2 * i}"]
+        np.testing.assert_allclose(stats["running_mean"], layer.running_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stats["running_var"], layer.running_var, rtol=1e-5, atol=1e-6)
+        assert int(stats["num_batches_tracked"]) == int(layer.num_batches_tracked) == 2
+    y = flax_model(False).apply(variables, x)
+    np.testing.assert_allclose(y, torch_forward(torch_model, np.asarray(x), train=False),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (0, 3, 4, 4), (2, 3, 0, 4), (0, 3, 2, 2, 2)])
 def test_empty_batch_is_counted_and_keeps_the_statistics_like_torch(shape, momentum):

@@ -172,3 +172,13 @@ def test_flax_batch_norm_variable_names_raise_with_the_torch_names():
         jbn.batch_norm({}, {"mean": jnp.zeros(3), "var": jnp.ones(3)}, x, True)
     with pytest.raises(ValueError, match=r"scale -> weight\b"):
         jbn.batch_norm({"scale": jnp.ones(3), "bias": jnp.zeros(3)}, {}, x, True)
+
+
+def test_module_mode_given_twice_or_never_raises():
+    x = jnp.ones((4, 3))
+    with pytest.raises(ValueError, match='"train" was passed to the constructor and at call time'):
+        jbn.BatchNorm1d(3, train=True).init(jax.random.key(0), x, train=False)
+    with pytest.raises(ValueError, match='"train" must be passed to the constructor or at call time'):
+        jbn.BatchNorm1d(3).init(jax.random.key(0), x)
+    with pytest.raises(TypeError, match="train must be a Python bool"):
+        jbn.BatchNorm1d(3, train=jnp.asarray(True))
