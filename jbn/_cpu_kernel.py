@@ -113,15 +113,20 @@ def _unflat(x: jax.Array, q: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], x.shape[-1] // q, q).astype(jnp.float32)
 
 
-def _xla_shifted_sums(x: jax.Array, *, q: int, before: tuple, after: tuple
-                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The kernel's ``(shift, s1, s2)`` as XLA operations, for ``x`` ``(..., P, C * Q)``."""
+def _xla_shifted_sums(x: jax.Array, *, q: int, before: tuple, after: tuple,
+                      on_cpu: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The kernel's ``(shift, s1, s2)`` as XLA operations, for ``x`` ``(..., P, C * Q)``.
+
+    ``on_cpu``: lowered for the CPU, where the shift is made an array of its own
+    (:func:`jbn._ninther.ninther`'s ``computed_once``).
+    """
     x = _unflat(x, q)
     c = x.shape[-2]
     axes = x.reshape(*x.shape[:-3], *before, c, *after)
     k = len(before)
     shift = _ninther.ninther([axes[(..., *idx[:k], slice(None), *idx[k:])]
-                              for idx in _ninther.sample_indices(before + after)])
+                              for idx in _ninther.sample_indices(before + after)],
+                            computed_once=on_cpu)
     d = x - shift[..., None, :, None]
     return shift, jnp.sum(d, axis=(-3, -1)), jnp.sum(d * d, axis=(-3, -1))
 
@@ -209,6 +214,8 @@ def _primitive(target: str) -> Primitive:
     def lowering(ctx, *args, outs, **params):
         if _kernel_runs(ctx):
             return jax.ffi.ffi_lowering(target)(ctx, *args, **_ffi_attributes(**params))
+        if target == _SHIFTED_SUMS:
+            params["on_cpu"] = tuple(ctx.module_context.platforms) == ("cpu",)
         return mlir.lower_fun(functools.partial(xla, **params), multiple_results=True)(ctx, *args)
 
     def batch(args, dims, *, outs, **params):

@@ -80,6 +80,17 @@ def median3(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.minimum(a, b), jnp.minimum(jnp.maximum(a, b), c))
 
 
-def ninther(values: list[jax.Array]) -> jax.Array:
-    """The shift from the values at :func:`positions`, one ``(C,)`` array each, in order."""
-    return median3(*(median3(*values[i:i + 3]) for i in range(0, SAMPLES, 3)))
+def ninther(values: list[jax.Array], computed_once: bool = False) -> jax.Array:
+    """The shift from the values at :func:`positions`, one ``(C,)`` array each, in order.
+
+    ``computed_once``: make the shift an array of its own in the compiled program.
+    XLA's CPU fusion otherwise copies the nine reads and the comparisons into every
+    batch-sized loop that subtracts the shift (the sums, the normalization, the
+    backward pass's ``dx``), to run at each element. XLA never fuses a sort, so the
+    last step's larger of two values is taken by sorting them: the same value.
+    """
+    a, b, c = (median3(*values[i:i + 3]) for i in range(0, SAMPLES, 3))
+    low, high = jnp.minimum(a, b), jnp.minimum(jnp.maximum(a, b), c)
+    if computed_once:
+        return jax.lax.sort(jnp.stack([low, high]), dimension=0)[1]
+    return jnp.maximum(low, high)

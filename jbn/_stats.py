@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jbn import _cpu_kernel, _ninther
-from jbn._layout import RowView
+from jbn._layout import RowView, default_on_cpu
 
 # Name given to every O(C) statistic, so that a rematerialized backward pass keeps
 # them and recomputes only elementwise values from the input.
@@ -69,7 +69,8 @@ def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
         values = [at(idx) for idx in _ninther.sample_indices(dims)]
     else:
         values = _valid_values_at_or_before(x, axis, mask, _ninther.positions(dims))
-    return jax.lax.stop_gradient(_ninther.ninther(values))
+    # Computed once where XLA's CPU fusion would recompute it at every element.
+    return jax.lax.stop_gradient(_ninther.ninther(values, computed_once=default_on_cpu()))
 
 
 def _valid_values_at_or_before(x: jax.Array, axis: int, mask: jax.Array,

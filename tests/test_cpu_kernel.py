@@ -478,3 +478,44 @@ def test_kernel_shift_is_nan_when_a_sampled_value_is_nan_as_in_xla(kernel, posit
                                                       after=(1,)))(jnp.asarray(x))
     for got, expected in zip((shift, s1, s2), want):
         assert np.isnan(got[0]) and np.isnan(expected[0])
+
+
+def _loops_that_sample(hlo: str, size: int) -> list[str]:
+    """The compiled computations that read single values of a batch-sized array (the
+    shift's samples: slices, gathers) and also compute a batch-sized value: loops
+    that recompute the shift at each element."""
+    found = []
+    for block in re.split(r"\n(?=%|ENTRY )", hlo):
+        ops = {m.group(1): m.group(3) for m in re.finditer(
+            r"%(\S+) = \w+\[([\d,]*)\]\S* (\S+?)\(", block)
+            if math.prod(int(d) for d in m.group(2).split(",") if d) == size}
+        samples = any(re.search(rf" (?:slice|dynamic-slice|gather)\(%{re.escape(name)}[,)]", block)
+                      for name in ops)
+        if samples and set(ops.values()) - {"parameter", "bitcast"}:
+            found.append(block.split("\n", 1)[0])
+    return found
+
+
+@pytest.mark.parametrize("shape, axis", [((8, 8, 6, 6), 1), ((8, 6, 6, 8), -1)], ids=str)
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+def test_xla_path_computes_the_shift_once_not_at_each_element(without_kernel, shape, axis,
+                                                              masked):
+    # Without the kernel (and with a mask, which the kernel does not take) the sums,
+    # the normalization and the backward pass's dx subtract the shift in loops over
+    # the batch. XLA's CPU fusion would copy the shift's nine reads and comparisons
+    # into each of them, to run at every element (twice the backward pass's time).
+    if jax.default_backend() != "cpu":
+        pytest.skip("a choice for XLA's CPU fusion")
+    x = jnp.asarray(np.random.default_rng(16).standard_normal(shape), jnp.float32)
+    params, state = jbn.init(shape[axis])
+    mask = None
+    if masked:
+        mask = jnp.asarray(np.arange(x.size // shape[axis]) % 7 != 0).reshape(
+            [d for i, d in enumerate(shape) if i != axis % len(shape)])
+
+    def f(p, x):
+        return jbn.batch_norm(p, state, x, True, axis=axis, mask=mask)[0]
+
+    for program in (jax.jit(f), jax.jit(lambda p, x: jax.vjp(f, p, x)[1](x))):
+        hlo = program.lower(params, x).compile().as_text()
+        assert _loops_that_sample(hlo, x.size) == [], hlo
