@@ -53,7 +53,7 @@ def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
 
     With a mask, a sampled position that is not valid takes the value at the last
     valid position before it. A symbolic length (a program exported for any batch
-    size) is sampled at index 0 only.
+    size) is sampled at the same relative positions, computed when the program runs.
     """
     reduced = [i for i in range(x.ndim) if i != axis]
     if not reduced:
