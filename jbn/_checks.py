@@ -191,13 +191,18 @@ def module_batch(
         note = f", a sample that axis={axis} reads as batched {tuple(x.shape)}" if unbatched else ""
         raise ValueError(f"the input has {channels} channels (shape {given}{note}), but the "
                          f"module has num_features={num_features}")
-    if unbatched and one_value_raises and mask is None:
-        try:
-            if x.size == channels:
-                raise too_few_values(given)
-        except jax.errors.InconclusiveDimensionOperation:
-            pass  # symbolic lengths: see batch_norm
+    if unbatched and one_value_raises and mask is None and one_value_per_channel(x, channels):
+        raise too_few_values(given)
     return x, mask, unbatched
+
+
+def one_value_per_channel(x: jax.Array, channels: int) -> bool:
+    """Whether ``x``, with ``channels`` channels, holds one value per channel; False for
+    symbolic lengths (a program exported for any batch and length) that cannot tell."""
+    try:
+        return bool(x.size == channels)
+    except jax.errors.InconclusiveDimensionOperation:
+        return False
 
 
 def check_groups(groups: tuple[tuple[Any, ...], ...], devices: int, axis_name: Any) -> int:

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import DTypeLike
 
 from jbn import _checks
@@ -15,9 +16,12 @@ from jbn._batch_norm import at_least_float32, batch_norm
 from jbn._recalibrate import MOMENTUM_OVERRIDE
 
 
-
 class _BatchNorm(nn.Module):
     """Shared fields and call of the batch-norm modules.
+
+    ``init`` updates no statistics: it needs no bound ``axis_name``, and takes a batch
+    of one value per channel in training mode too (PyTorch's error for it is raised
+    by ``apply``).
 
     Attributes:
       num_features: C, the number of channels.
@@ -38,7 +42,7 @@ class _BatchNorm(nn.Module):
       train: the mode, for a layer that is called without it (inside
         ``nn.Sequential``, which passes call arguments to its first layer only):
         give it here or at each call, not both (Flax's ``use_running_average``
-        convention, :func:`flax.linen.merge_param`).
+        convention); a ValueError naming the layer otherwise.
     """
 
     num_features: int
@@ -61,9 +65,30 @@ class _BatchNorm(nn.Module):
         _checks.check_num_features(self.num_features)
         _checks.check_eps(self.eps)
         _checks.check_momentum(self.momentum)
-        if self.train is not None:
-            _checks.check_train(self.train)
+        if self.train is not None and not isinstance(self.train, (bool, np.bool_)):
+            raise TypeError(f"{self._label()}: the train field must be a Python bool or None, "
+                            f"got {type(self.train).__name__}")
         super().__post_init__()
+
+    def _label(self) -> str:
+        """The layer as errors name it: its class, and its name where it has one."""
+        return type(self).__name__ + (f" {self.name!r}" if self.name else "")
+
+    def _mode(self, train: bool | None) -> bool:
+        """The mode: the ``train`` field or the call argument, exactly one of them."""
+        if self.train is not None and train is not None:
+            raise ValueError(
+                f"{self._label()}: train was given both as the field (train={self.train}) and "
+                f"at call time (train={train}); give it once"
+            )
+        if self.train is None and train is None:
+            raise ValueError(
+                f"{self._label()}: train was given neither at call time nor as the field; pass "
+                f"train=True or False to each call, or set the field ({type(self).__name__}"
+                "(..., train=True)) on a layer called without it, as inside nn.Sequential, "
+                "which passes call arguments to its first layer only"
+            )
+        return _checks.check_train(self.train if train is None else train)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool | None = None, *,
@@ -81,10 +106,18 @@ class _BatchNorm(nn.Module):
         Returns:
           ``y``, of ``x``'s shape.
         """
-        train = _checks.check_train(nn.merge_param("train", self.train, train))
+        train = self._mode(train)
+        initializing = self.is_initializing()
         x, mask, unbatched = _checks.module_batch(
             x, mask, self._batched_ranks, self._unbatched_rank, self.axis, self.num_features,
-            one_value_raises=train and self.axis_name is None)
+            one_value_raises=train and self.axis_name is None and not initializing)
+        from_batch = train or not self.track_running_stats
+        if (initializing and from_batch and mask is None
+                and _checks.one_value_per_channel(x, self.num_features)):
+            # init keeps no statistics, so a batch of one value per channel (say, a
+            # per-device batch of one for a synchronized layer) does not raise: an
+            # all-True mask lifts batch_norm's check, and y is what training gives.
+            mask = jnp.ones((1,) * (x.ndim - 1), jnp.bool_)
         params = {}
         if self.affine:
             params = {"weight": self._param("weight", nn.initializers.ones),
@@ -101,7 +134,6 @@ class _BatchNorm(nn.Module):
                 "num_batches_tracked": self.variable(
                     "batch_stats", "num_batches_tracked", jnp.zeros, (), jnp.int32),
             }
-        initializing = self.is_initializing()
         y, new_state = batch_norm(
             params,
             {k: v.value for k, v in variables.items()},

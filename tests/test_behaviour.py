@@ -45,6 +45,25 @@ def test_module_init_does_not_move_statistics_even_when_training():
         assert int(stats["num_batches_tracked"]) == 0
 
 
+def test_module_init_takes_one_value_per_channel_that_training_rejects():
+    # init updates no statistics, so a batch too small to train on (one sample
+    # through a layer fixed to training, a per-device batch of one for a synchronized
+    # layer) still initializes; its y is training's closed form, the bias (zeros).
+    x = jnp.asarray([[0.5, -2.0, 3.0]])
+    cases = [(jbn.BatchNorm1d(3, train=True), x, {}),
+             (jbn.BatchNorm1d(3, track_running_stats=False), x, {"train": False}),
+             (jbn.SyncBatchNorm(3, axis_name="batch"), x[..., None, None], {"train": True})]
+    for model, batch, kwargs in cases:
+        y, variables = model.init_with_output(jax.random.key(0), batch, **kwargs)
+        np.testing.assert_array_equal(y, np.zeros(batch.shape))
+        for key, value in variables.get("batch_stats", {}).items():
+            np.testing.assert_array_equal(value, jbn.init(3)[1][key])
+    for model, batch, kwargs in cases[:2]:
+        variables = model.init(jax.random.key(0), batch, **kwargs)
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            model.apply(variables, batch, mutable=["batch_stats"], **kwargs)
+
+
 def test_module_evaluation_leaves_batch_stats_unchanged():
     model = jbn.BatchNorm2d(3)
     variables = model.init(jax.random.key(0), _x(), train=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,11 +175,17 @@ def test_flax_batch_norm_variable_names_raise_with_the_torch_names():
         jbn.batch_norm({"scale": jnp.ones(3), "bias": jnp.zeros(3)}, {}, x, True)
 
 
-def test_module_mode_given_twice_or_never_raises():
+def test_module_mode_given_twice_or_never_raises_naming_the_layer():
     x = jnp.ones((4, 3))
-    with pytest.raises(ValueError, match='"train" was passed to the constructor and at call time'):
+    with pytest.raises(ValueError, match=r"^BatchNorm1d: train was given both as the field "
+                                         r"\(train=True\) and at call time \(train=False\)"):
         jbn.BatchNorm1d(3, train=True).init(jax.random.key(0), x, train=False)
-    with pytest.raises(ValueError, match='"train" must be passed to the constructor or at call time'):
+    with pytest.raises(ValueError, match="^BatchNorm1d: train was given neither at call time "
+                                         "nor as the field.*inside nn.Sequential"):
         jbn.BatchNorm1d(3).init(jax.random.key(0), x)
-    with pytest.raises(TypeError, match="train must be a Python bool"):
+    # Inside nn.Sequential only the first layer receives train: the second is named.
+    model = nn.Sequential([jbn.BatchNorm1d(3), jbn.BatchNorm1d(3)])
+    with pytest.raises(ValueError, match="^BatchNorm1d 'layers_1': train was given neither"):
+        model.init(jax.random.key(0), x, train=True)
+    with pytest.raises(TypeError, match="the train field must be a Python bool or None, got"):
         jbn.BatchNorm1d(3, train=jnp.asarray(True))
