@@ -34,6 +34,15 @@ def _reset(tree: Any) -> tuple[Any, int]:
     return out, layers
 
 
+def _untracked(tree: Any, path: str = "") -> list[str]:
+    """Paths of the batch-norm states in ``tree`` whose ``num_batches_tracked`` is 0."""
+    if not isinstance(tree, Mapping):
+        return []
+    if set(STATE_KEYS) <= set(tree):
+        return [path or "batch_stats"] if int(tree["num_batches_tracked"]) == 0 else []
+    return [p for key, sub in tree.items() for p in _untracked(sub, f"{path}/{key}".lstrip("/"))]
+
+
 def recalibrate_batch_stats(
     apply_fn: Callable[[Any, Any], tuple[Any, Mapping[str, Any]]],
     variables: Mapping[str, Any],
@@ -80,7 +89,10 @@ def recalibrate_batch_stats(
       ``variables`` with the recomputed ``batch_stats``.
 
     Raises:
-      ValueError: no jbn batch-norm state in ``variables["batch_stats"]``, or no batch.
+      ValueError: no jbn batch-norm state in ``variables["batch_stats"]``, no batch,
+        or a layer whose statistics no batch updated (``apply_fn`` ran it in
+        evaluation mode, or not at all): its reset statistics would pass for
+        recomputed ones.
     """
     stats, layers = _reset(variables.get("batch_stats", {}))
     if not layers:
@@ -104,6 +116,13 @@ def recalibrate_batch_stats(
         seen += 1
     if not seen:
         raise ValueError("batches is empty: no batch to compute the statistics from")
+    untracked = _untracked(stats)
+    if untracked:
+        raise ValueError(
+            f"no batch updated the statistics of {', '.join(untracked)}: apply_fn must run "
+            "every batch-norm layer in training mode (train=True, also where a layer sets "
+            "its mode as a field) with batch_stats mutable"
+        )
     return {**variables, "batch_stats": stats}
 
 

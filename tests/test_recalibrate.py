@@ -222,3 +222,22 @@ def test_nnx_model_through_split_and_merge_matches_torch_update_bn():
         np.testing.assert_allclose(bn.running_mean[...], layer.running_mean.numpy(), 1e-5, 1e-5)
         np.testing.assert_allclose(bn.running_var[...], layer.running_var.numpy(), 1e-5, 1e-5)
         assert int(bn.num_batches_tracked[...]) == int(layer.num_batches_tracked)
+
+
+def test_layers_left_in_evaluation_mode_raise_instead_of_returning_reset_statistics():
+    class Frozen(nn.Module):
+        """bn1 fixed to evaluation mode by its field: no batch reaches its statistics."""
+
+        @nn.compact
+        def __call__(self, x):
+            x = jbn.BatchNorm1d(5, train=True, name="bn0")(x)
+            return jbn.BatchNorm1d(5, train=False, name="bn1")(x)
+
+    variables = Frozen().init(jax.random.key(0), jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match="no batch updated the statistics of bn1:"):
+        jbn.recalibrate_batch_stats(
+            lambda v, x: Frozen().apply(v, x, mutable=["batch_stats"]), variables, _batches(k=2))
+    with pytest.raises(ValueError, match="bn0, bn1, bn2: apply_fn must run"):
+        jbn.recalibrate_batch_stats(
+            lambda v, x: _Net().apply(v, x, train=False, mutable=["batch_stats"]),
+            _flax_variables(_torch_net()), _batches(k=2))
