@@ -61,6 +61,8 @@ def convert_sync_batchnorm(
     across ``axis_name``, as ``jbn.SyncBatchNorm`` does. Layers created in ``setup`` or
     inline in ``@nn.compact`` methods, at any depth, are converted; layers that already
     have an ``axis_name`` keep it. Evaluation and ``init`` do not synchronize.
+    Converting a converted model converts the original again: as in PyTorch, the
+    last conversion's ``axis_name`` (and groups) is the one its layers use.
 
     The result is a linen module with exactly ``model``'s variables (same tree, same
     names), so the same ``variables`` work with both; only its ``__call__`` is
@@ -90,4 +92,6 @@ def convert_sync_batchnorm(
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")
+    if isinstance(model, _SyncConverted):
+        model = model.model
     return _SyncConverted(model, axis_name, axis_index_groups)

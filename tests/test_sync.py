@@ -852,6 +852,19 @@ def test_convert_reaches_setup_layers_and_keeps_an_existing_axis_name():
     assert not np.allclose(own_mean[0, 0], own_mean[1, 0])
 
 
+def test_converting_twice_converts_the_original_to_the_last_axis():
+    # torch's convert_sync_batchnorm of a converted model re-targets its layers to the
+    # new process group; here, the last axis name.
+    x = _cnn_input()
+    variables = _CNN().init(jax.random.key(0), x, train=False)
+    twice = jbn.convert_sync_batchnorm(jbn.convert_sync_batchnorm(_CNN(), "other"), AXIS)
+    _assert_trees_close(twice.init(jax.random.key(0), x, train=False), variables, 0, 0)
+    y, updates = _pmap_train(twice, variables, x)
+    sync_y, sync_updates = _pmap_train(_CNN(sync=True), variables, x)
+    np.testing.assert_array_equal(y, sync_y)
+    _assert_trees_close(updates, sync_updates, rtol=0, atol=0)
+
+
 def test_converted_model_in_training_outside_a_map_raises_name_error():
     x = _cnn_input()
     converted = jbn.convert_sync_batchnorm(_CNN(), AXIS)
