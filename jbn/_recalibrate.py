@@ -39,7 +39,8 @@ def _untracked(tree: Any, path: str = "") -> list[str]:
     if not isinstance(tree, Mapping):
         return []
     if set(STATE_KEYS) <= set(tree):
-        return [path or "batch_stats"] if int(tree["num_batches_tracked"]) == 0 else []
+        # Any shape: a model mapped over devices returns one count per device.
+        return [] if np.any(np.asarray(tree["num_batches_tracked"])) else [path or "batch_stats"]
     return [p for key, sub in tree.items() for p in _untracked(sub, f"{path}/{key}".lstrip("/"))]
 
 

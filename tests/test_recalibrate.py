@@ -241,3 +241,17 @@ def test_layers_left_in_evaluation_mode_raise_instead_of_returning_reset_statist
         jbn.recalibrate_batch_stats(
             lambda v, x: _Net().apply(v, x, train=False, mutable=["batch_stats"]),
             _flax_variables(_torch_net()), _batches(k=2))
+
+
+def test_variables_with_a_device_axis_recalibrate_each_copy():
+    # apply_fn mapped over devices returns one num_batches_tracked per device.
+    model = jbn.BatchNorm1d(5)
+    variables = model.init(jax.random.key(0), jnp.ones((2, 5)), train=False)
+    variables = jax.tree.map(lambda a: jnp.stack([a, a]), variables)
+    apply_fn = jax.vmap(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+    batches = [np.stack([b, 2 * b]) for b in _batches(k=3)]  # (2 devices, 16, 5) each
+    stats = jbn.recalibrate_batch_stats(apply_fn, variables, batches)["batch_stats"]
+    np.testing.assert_array_equal(stats["num_batches_tracked"], [3, 3])
+    data = np.stack(batches).astype(np.float64)  # (K, devices, n, 5)
+    np.testing.assert_allclose(stats["running_mean"], data.mean(axis=(0, 2)), rtol=1e-5)
+    np.testing.assert_allclose(stats["running_var"], data.var(axis=2, ddof=1).mean(0), rtol=1e-5)
