@@ -1,9 +1,18 @@
 """jbn: PyTorch-exact batch normalization for JAX and Flax.
 
-The functional core is :func:`batch_norm` with :func:`init`; the Flax linen modules
-:class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d` and
-:class:`SyncBatchNorm` wrap it; :func:`from_torch_state_dict` and
-:func:`to_torch_state_dict` move one layer's weights between PyTorch and Flax.
+The functional core is :func:`batch_norm` with :func:`init`. Around it:
+
+- Flax linen modules :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`
+  and :class:`SyncBatchNorm` (running statistics in ``batch_stats``), and their Flax
+  NNX counterparts in :mod:`jbn.nnx`;
+- :class:`FrozenBatchNorm2d`, a layer with fixed statistics and no state;
+- :func:`from_torch_state_dict` and :func:`to_torch_state_dict` (one layer's weights
+  between PyTorch and Flax), :func:`load_torch_state_dict` (a whole PyTorch model's
+  ``state_dict`` into the variables of its Flax equivalent);
+- model surgery and upkeep: :func:`convert_sync_batchnorm` (synchronize a model's
+  layers across devices), :func:`fold_conv_bn` (fold an evaluation-mode layer into the
+  convolution before it), :func:`recalibrate_batch_stats` (recompute the running
+  statistics from data).
 """
 
 from jbn._batch_norm import batch_norm as batch_norm
