@@ -499,7 +499,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JbnDotSums, DotSums,
                                   .Ret<ffi::AnyBuffer>());
 
 // The Python module: `shifted_sums` and `dot_sums`, the handlers as capsules for
-// jax.ffi.register_ffi_target.
+// jax.ffi.register_ffi_target, and `ffi_api_version`, the (major, minor) version of
+// the XLA FFI headers they were compiled against (a jaxlib older than those refuses
+// the handlers, and with them the whole CPU backend).
 static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_shifted_sums",
                               "jbn's CPU kernels for per-channel shifted sums.", -1,
                               nullptr, nullptr, nullptr, nullptr, nullptr};
@@ -519,6 +521,12 @@ PyMODINIT_FUNC PyInit__shifted_sums() {
   if (module == nullptr) return nullptr;
   if (!AddHandler(module, "shifted_sums", reinterpret_cast<void*>(&JbnShiftedSums)) ||
       !AddHandler(module, "dot_sums", reinterpret_cast<void*>(&JbnDotSums))) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  PyObject* version = Py_BuildValue("(ii)", XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
+  if (version == nullptr || PyModule_AddObject(module, "ffi_api_version", version) < 0) {
+    Py_XDECREF(version);
     Py_DECREF(module);
     return nullptr;
   }

@@ -24,6 +24,9 @@ gather the whole batch onto every device).
 from __future__ import annotations
 
 import functools
+import os
+import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,19 +46,69 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 @functools.cache
 def available() -> bool:
-    """Whether the kernels were built; registers them with XLA on the first call."""
+    """Whether the kernels were built and this jaxlib takes them; registers them on the first call.
+
+    A kernel built against XLA FFI headers newer than the installed jaxlib's (pip
+    builds jbn against the newest jaxlib unless told not to) would make XLA refuse
+    it, and with it the whole CPU backend; jbn then warns once and uses XLA's sums.
+    """
     try:
         from jbn import _shifted_sums
     except ImportError:
+        return False
+    built = tuple(getattr(_shifted_sums, "ffi_api_version", ()))
+    problem = ffi_incompatibility(built, runtime_ffi_api_version())
+    if problem is not None:
+        import jaxlib
+
+        warnings.warn(
+            f"jbn's CPU kernels were {problem} (jaxlib {jaxlib.__version__}); jbn "
+            "computes the same sums with XLA instead, more slowly on the CPU. To use the "
+            "kernels, build jbn against this jaxlib: from jbn's source, with setuptools "
+            "installed, pip install --no-build-isolation --force-reinstall --no-deps .",
+            RuntimeWarning, stacklevel=2)
         return False
     jax.ffi.register_ffi_target(_SHIFTED_SUMS, _shifted_sums.shifted_sums, platform="cpu")
     jax.ffi.register_ffi_target(_DOT_SUMS, _shifted_sums.dot_sums, platform="cpu")
     return True
 
 
+def runtime_ffi_api_version() -> tuple[int, int] | None:
+    """``(major, minor)`` of the XLA FFI API of the installed jaxlib, from its headers.
+
+    None where the headers are missing or do not say.
+    """
+    try:
+        with open(os.path.join(jax.ffi.include_dir(), "xla", "ffi", "api", "c_api.h")) as f:
+            header = f.read()
+    except (OSError, AttributeError):
+        return None
+    found = [re.search(rf"^#define XLA_FFI_API_{part}\s+(\d+)", header, re.MULTILINE)
+             for part in ("MAJOR", "MINOR")]
+    if None in found:
+        return None
+    return int(found[0].group(1)), int(found[1].group(1))
+
+
+def ffi_incompatibility(built: tuple[int, ...], runtime: tuple[int, int] | None) -> str | None:
+    """Why XLA with FFI API ``runtime`` would refuse handlers built against ``built``, or None.
+
+    XLA takes handlers of its own major version and of its minor version or an older one.
+    An unknown version on either side (headers missing) is taken as compatible.
+    """
+    if runtime is None or len(built) != 2:
+        return None
+    (b_major, b_minor), (r_major, r_minor) = built, runtime
+    if b_major == r_major and b_minor <= r_minor:
+        return None
+    return (f"compiled against XLA FFI API {b_major}.{b_minor}, which XLA with FFI API "
+            f"{r_major}.{r_minor} does not take")
+
+
 def _check_available() -> None:
     if not available():
-        raise RuntimeError("jbn's CPU kernels were not built (no C++ compiler at install time)")
+        raise RuntimeError("jbn's CPU kernels are not available: not built (no C++ compiler "
+                           "at install time) or built for another jaxlib")
 
 
 def shifted_sums(x: jax.Array, before: Sequence[Any] | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import jax
@@ -33,6 +34,55 @@ def test_the_kernel_is_built_on_a_machine_with_a_compiler(kernel):
     # Installation goes on without it (an optional extension), so only a test says
     # that it was lost: jbn would then be slower on the CPU, with the same values.
     assert kernel.available(), "jbn._shifted_sums was not built: is a C++ compiler installed?"
+
+
+def test_the_kernel_records_the_ffi_version_of_the_jaxlib_it_was_built_against(kernel):
+    from jbn import _shifted_sums
+
+    version = _cpu_kernel.runtime_ffi_api_version()
+    assert version is not None, "the installed jaxlib's XLA FFI headers give no version"
+    assert _shifted_sums.ffi_api_version == version
+    assert _cpu_kernel.ffi_incompatibility(_shifted_sums.ffi_api_version, version) is None
+
+
+@pytest.mark.parametrize(("built", "runtime", "takes"), [
+    ((0, 1), (0, 1), True), ((0, 1), (0, 3), True), ((0, 3), (0, 1), False),
+    ((1, 0), (0, 9), False), ((0, 9), (1, 0), False), ((0, 3), None, True), ((), (0, 1), True),
+])
+def test_xla_takes_kernels_of_its_ffi_major_version_and_no_newer_minor(built, runtime, takes):
+    problem = _cpu_kernel.ffi_incompatibility(built, runtime)
+    assert (problem is None) == takes
+    if not takes:
+        assert f"{built[0]}.{built[1]}" in problem and f"{runtime[0]}.{runtime[1]}" in problem
+
+
+def test_a_kernel_built_for_a_newer_jaxlib_warns_and_leaves_the_cpu_backend_working(kernel):
+    # Registering such a kernel would make XLA refuse to start the CPU backend at all;
+    # jbn must warn and compute the same sums with XLA. A fresh process, as the
+    # registration is once per process.
+    code = """
+import warnings
+import numpy as np, jax, jax.numpy as jnp
+from jbn import _cpu_kernel
+import jbn
+major, minor = _cpu_kernel.runtime_ffi_api_version()
+_cpu_kernel.runtime_ffi_api_version = lambda: (major, minor - 1) if minor else (major - 1, 99)
+x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32) + 1e3
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y, _ = jbn.batch_norm(*jbn.init(3), jnp.asarray(x), True)
+assert not _cpu_kernel.available()
+assert any("--no-build-isolation" in str(w.message) for w in caught), caught
+x64 = x.astype(np.float64)
+m, v = x64.mean(axis=(0, 2, 3), keepdims=True), x64.var(axis=(0, 2, 3), keepdims=True)
+np.testing.assert_allclose(np.asarray(y), (x64 - m) / np.sqrt(v + 1e-5), atol=2e-6)
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr
 
 
 # (P, C, Q): rows (NCHW as (N, C, H * W)), channels last ((N * H * W, C, 1)), and
