@@ -64,8 +64,9 @@ def available() -> bool:
         warnings.warn(
             f"jbn's CPU kernels were {problem} (jaxlib {jaxlib.__version__}); jbn "
             "computes the same sums with XLA instead, more slowly on the CPU. To use the "
-            "kernels, build jbn against this jaxlib: from jbn's source, with setuptools "
-            "installed, pip install --no-build-isolation --force-reinstall --no-deps .",
+            "kernels, build jbn against this jaxlib: from jbn's source, pip install -U "
+            "setuptools wheel, then pip install --no-build-isolation --force-reinstall "
+            "--no-deps .",
             RuntimeWarning, stacklevel=2)
         return False
     jax.ffi.register_ffi_target(_SHIFTED_SUMS, _shifted_sums.shifted_sums, platform="cpu")

@@ -90,13 +90,14 @@ def test_variables_are_params_and_batch_stats_with_torch_names():
     assert bn.num_batches_tracked[...].dtype == jnp.int32
 
 
-def test_new_module_trains_and_eval_train_switch_nested_modules():
-    class Net(nnx.Module):
-        def __init__(self):
-            self.bn = jnnx.BatchNorm1d(3)
-            self.drop = nnx.Dropout(0.5, rngs=nnx.Rngs(0))
+class _Net(nnx.Module):
+    def __init__(self):
+        self.bn = jnnx.BatchNorm1d(3)
+        self.drop = nnx.Dropout(0.5, rngs=nnx.Rngs(0))
 
-    net = Net()
+
+def test_new_module_trains_and_eval_train_switch_nested_modules():
+    net = _Net()
     assert net.bn.training and not net.bn.use_running_average
     net.eval()
     assert not net.bn.training and net.bn.use_running_average
@@ -104,6 +105,12 @@ def test_new_module_trains_and_eval_train_switch_nested_modules():
     assert net.bn.training
     net.bn.training = False
     assert net.bn.use_running_average
+
+
+@pytest.mark.skipif(not hasattr(nnx, "view"), reason="flax without nnx.view")
+def test_nnx_view_switches_the_mode_of_a_copy_only():
+    net = _Net()
+    net.bn.training = False
     view = nnx.view(net, use_running_average=False)
     assert view.bn.training and not net.bn.training
 
