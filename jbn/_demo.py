@@ -237,13 +237,7 @@ def make_train_step(config: DemoConfig, use_bn: bool) -> Callable[..., Any]:
         return state, loss, accuracy
 
     specs = {"mesh": mesh, "in_specs": (P(), P(AXIS_NAME), P(AXIS_NAME)), "out_specs": (P(), P(), P())}
-    if hasattr(jax, "shard_map"):  # jax >= 0.7
-        sharded = jax.shard_map(local_step, check_vma=False, **specs)
-    else:
-        from jax.experimental.shard_map import shard_map
-
-        sharded = shard_map(local_step, check_rep=False, **specs)
-    return jax.jit(sharded)
+    return jax.jit(jax.shard_map(local_step, check_vma=False, **specs))
 
 
 def make_eval_fn(config: DemoConfig, use_bn: bool) -> Callable[..., Any]:

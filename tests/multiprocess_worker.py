@@ -47,10 +47,7 @@ def main(port: int, process_id: int, num_processes: int, data: str, out: str) ->
 
     import jbn
 
-    try:  # jax >= 0.7
-        from jax import shard_map
-    except ImportError:  # older jax
-        from jax.experimental.shard_map import shard_map
+    from jax import shard_map
 
     assert jax.local_device_count() == LOCAL_DEVICES, jax.local_devices()
     assert jax.device_count() == LOCAL_DEVICES * num_processes, jax.devices()

@@ -289,10 +289,7 @@ def test_gradients_under_shard_map_with_replicated_parameters_match_one_device(k
                                                                                train):
     # In evaluation the weight's tangent is replicated while the batch is split: the
     # backward pass then takes XLA's sums, whose transpose adds over devices.
-    try:  # jax >= 0.7
-        from jax import shard_map
-    except ImportError:
-        from jax.experimental.shard_map import shard_map
+    from jax import shard_map
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
@@ -494,10 +491,7 @@ def test_jit_over_a_sharded_batch_partitions_the_sums_instead_of_gathering_the_b
     # whole onto every device for a custom call; XLA's own sums it splits into partial
     # sums and all-reduces of (C,) values. Inside shard_map every device calls the
     # kernels on its own part.
-    try:  # jax >= 0.7
-        from jax import shard_map
-    except ImportError:
-        from jax.experimental.shard_map import shard_map
+    from jax import shard_map
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 

@@ -21,10 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import jbn
 
-try:  # jax >= 0.7
-    from jax import shard_map as _shard_map
-except ImportError:  # older jax
-    from jax.experimental.shard_map import shard_map as _shard_map
+from jax import shard_map as _shard_map
 
 D = 8  # devices
 AXIS = "batch"
