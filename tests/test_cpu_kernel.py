@@ -59,7 +59,8 @@ def test_xla_takes_kernels_of_its_ffi_major_version_and_no_newer_minor(built, ru
         assert f"{built[0]}.{built[1]}" in problem and f"{runtime[0]}.{runtime[1]}" in problem
 
 
-def test_a_kernel_built_for_a_newer_jaxlib_warns_and_leaves_the_cpu_backend_working(kernel):
+def test_a_kernel_built_for_a_newer_jaxlib_warns_and_leaves_the_cpu_backend_working(kernel,
+                                                                                   tmp_path):
     # Registering such a kernel would make XLA refuse to start the CPU backend at all;
     # jbn must warn and compute the same sums with XLA. A fresh process, as the
     # registration is once per process.
@@ -83,8 +84,10 @@ np.testing.assert_allclose(np.asarray(y), (x64 - m) / np.sqrt(v + 1e-5), atol=2e
     import subprocess
     import sys
 
+    # Run outside the checkout, so that it imports the jbn this process does (an
+    # installed one, with the kernels) rather than the source folder.
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                          timeout=300, cwd=tmp_path, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 0, done.stderr
 
 
