@@ -82,7 +82,7 @@ def runtime_ffi_api_version() -> tuple[int, int] | None:
     try:
         with open(os.path.join(jax.ffi.include_dir(), "xla", "ffi", "api", "c_api.h")) as f:
             header = f.read()
-    except (OSError, AttributeError):
+    except OSError:
         return None
     found = [re.search(rf"^#define XLA_FFI_API_{part}\s+(\d+)", header, re.MULTILINE)
              for part in ("MAJOR", "MINOR")]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -81,9 +83,6 @@ x64 = x.astype(np.float64)
 m, v = x64.mean(axis=(0, 2, 3), keepdims=True), x64.var(axis=(0, 2, 3), keepdims=True)
 np.testing.assert_allclose(np.asarray(y), (x64 - m) / np.sqrt(v + 1e-5), atol=2e-6)
 """
-    import subprocess
-    import sys
-
     # Run outside the checkout, so that it imports the jbn this process does (an
     # installed one, with the kernels) rather than the source folder.
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
