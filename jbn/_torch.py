@@ -26,6 +26,31 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+# Flax variables that jax.pmap or flax.jax_utils.replicate gave a leading device axis.
+_REPLICATED = ("; variables replicated across devices (jax.pmap, flax.jax_utils.replicate) "
+               "carry a leading device axis: take one copy first, e.g. "
+               "jax.tree.map(lambda a: a[0], variables)")
+
+
+def _check_shapes(arrays: Mapping[str, np.ndarray], hint: str = "") -> None:
+    """Raises unless the per-channel entries are ``(C,)`` for one C and the count a scalar;
+    ``hint`` ends the message for an array with one axis too many."""
+    sizes = set()
+    for k in (*PARAM_KEYS, *STATE_KEYS[:2]):
+        if k in arrays:
+            shape = arrays[k].shape
+            if len(shape) != 1:
+                raise ValueError(f"'{k}' must have shape (C,), got {shape}"
+                                 f"{hint if len(shape) == 2 else ''}")
+            sizes.add(shape[0])
+    count = arrays.get("num_batches_tracked")
+    if count is not None and count.shape != ():
+        raise ValueError(f"'num_batches_tracked' must be a scalar, got shape {count.shape}"
+                         f"{hint if count.ndim == 1 else ''}")
+    if len(sizes) > 1:
+        raise ValueError(f"entries disagree on the number of channels: {sorted(sizes)}")
+
+
 def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict[str, jax.Array]]:
     """Converts one ``torch.nn.BatchNorm*d`` layer's ``state_dict`` to Flax variables.
 
@@ -53,8 +78,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict[str, 
             f"and/or {list(STATE_KEYS)} (strip a layer's prefix, e.g. 'bn1.', first)"
         )
     arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
+    _check_shapes(arrays)
     variables: dict[str, dict[str, jax.Array]] = {}
-    sizes = set()
     for collection, keys in (("params", PARAM_KEYS), ("batch_stats", STATE_KEYS)):
         present = [k for k in keys if k in arrays]
         if not present:
@@ -66,22 +91,14 @@ def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict[str, 
         missing = [k for k in keys if k not in arrays]
         if missing:
             raise KeyError(f"state_dict has {present} but is missing {missing}")
-        for k in keys[:2]:
-            if arrays[k].ndim != 1:
-                raise ValueError(f"'{k}' must have shape (C,), got {arrays[k].shape}")
-            sizes.add(arrays[k].shape[0])
         out = {k: jnp.asarray(arrays[k]) for k in keys[:2]}
         if collection == "batch_stats":
             out = {k: v.astype(at_least_float32(v.dtype)) for k, v in out.items()}
             count = arrays["num_batches_tracked"]
-            if count.shape != ():
-                raise ValueError(f"'num_batches_tracked' must be a scalar, got shape {count.shape}")
             if not 0 <= int(count) <= _INT32_MAX:
                 raise ValueError(f"'num_batches_tracked' = {int(count)} does not fit in int32")
             out["num_batches_tracked"] = jnp.asarray(int(count), jnp.int32)
         variables[collection] = out
-    if len(sizes) > 1:
-        raise ValueError(f"state_dict entries disagree on the number of channels: {sorted(sizes)}")
     return variables
 
 
@@ -100,6 +117,11 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
       ``bn.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``.
       bfloat16 parameters come as float32 arrays holding the same values (numpy has
       no bfloat16 that torch reads); ``load_state_dict`` converts them back exactly.
+
+    Raises:
+      KeyError: unexpected collections, or missing or unexpected keys in one.
+      ValueError: shapes that are not ``(C,)`` for one C, or a non-scalar count (as
+        in variables replicated across devices, which the message says how to undo).
     """
     unknown = sorted(set(variables) - {"params", "batch_stats"})
     if unknown:
@@ -119,6 +141,7 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
         for k in keys:
             value = np.array(meta.unbox(tree[k]))  # nn.Partitioned and other boxes: the value
             state_dict[k] = value.astype(np.float32) if value.dtype == jnp.bfloat16 else value
+    _check_shapes(state_dict, _REPLICATED)
     if "num_batches_tracked" in state_dict:
         state_dict["num_batches_tracked"] = state_dict["num_batches_tracked"].astype(np.int64)
     return state_dict
