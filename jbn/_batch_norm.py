@@ -150,8 +150,8 @@ def batch_norm(
     train = _checks.check_train(train)
     eps = _checks.check_eps(eps)
     momentum = _checks.check_momentum(momentum)
+    x = _checks.as_array(x)
     axis = _checks.check_input(x, axis)
-    x = jnp.asarray(x)
     _checks.check_variables(params, state, x.shape[axis], x.shape)
     if mask is not None:
         target = _checks.check_mask(mask, x.shape, axis)

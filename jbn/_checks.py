@@ -59,6 +59,15 @@ def check_train(train: Any) -> bool:
     )
 
 
+def as_array(x: Any) -> jax.Array:
+    """``x`` as a jax array, as the modules take it: a jax or numpy array, or another
+    array with a shape and dtype (a torch tensor on the CPU, converted as ``jnp.asarray``
+    does); raises TypeError for values without them (a list, a number)."""
+    if getattr(x, "dtype", None) is None or getattr(x, "shape", None) is None:
+        raise TypeError(f"expected an array input, got {type(x).__name__}")
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
+
+
 def check_input(x: Any, axis: int) -> int:
     """Checks that ``x`` is a floating array with a valid channel ``axis``.
 
