@@ -128,3 +128,38 @@ def test_to_torch_state_dict_rejects_incomplete_variables():
     del variables["batch_stats"]["running_mean"]
     with pytest.raises(KeyError, match="running_mean"):
         jbn.to_torch_state_dict(variables)
+
+
+def test_to_torch_state_dict_rejects_replicated_variables_with_a_hint():
+    variables = jbn.BatchNorm2d(4).init(jax.random.key(0), jnp.ones((2, 4, 3, 3)), train=False)
+    replicated = jax.tree.map(lambda a: jnp.stack([a, a]), variables)  # as jax.pmap keeps them
+    with pytest.raises(ValueError, match=r"running_mean' must have shape \(C,\).*a\[0\]"):
+        jbn.to_torch_state_dict({"batch_stats": replicated["batch_stats"]})
+    with pytest.raises(ValueError, match=r"'weight' must have shape \(C,\), got \(2, 4\)"):
+        jbn.to_torch_state_dict(replicated)
+    torch.nn.BatchNorm2d(4).load_state_dict(
+        {k: torch.from_numpy(v)
+         for k, v in jbn.to_torch_state_dict(jax.tree.map(lambda a: a[0], replicated)).items()})
+    state = dict(variables["batch_stats"], num_batches_tracked=jnp.zeros((2,), jnp.int32))
+    with pytest.raises(ValueError, match="num_batches_tracked.*scalar.*device axis"):
+        jbn.to_torch_state_dict({"batch_stats": state})
+    params = dict(variables["params"], bias=jnp.zeros(5))
+    with pytest.raises(ValueError, match=r"\[4, 5\]"):
+        jbn.to_torch_state_dict({"params": params})
+
+
+def test_batch_norm_takes_a_torch_tensor_as_the_modules_do():
+    layer = _trained_torch_layer()
+    x = torch.randn(3, 4, 5, 5) * 2.0 + 1.0
+    variables = jbn.from_torch_state_dict(layer.state_dict())
+    y, state = jbn.batch_norm(variables["params"], variables["batch_stats"], x, True)
+    y_module, _ = jbn.BatchNorm2d(4).apply(variables, x, train=True, mutable=["batch_stats"])
+    layer.train()
+    with torch.no_grad():
+        expected = layer(x)
+    np.testing.assert_allclose(np.asarray(y), expected.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_module))
+    np.testing.assert_allclose(np.asarray(state["running_var"]), layer.running_var.numpy(),
+                               rtol=1e-6)
+    with pytest.raises(TypeError, match="expected an array input, got list"):
+        jbn.batch_norm(variables["params"], variables["batch_stats"], x.tolist(), True)
