@@ -16,13 +16,9 @@ from jbn._batch_norm import at_least_float32, batch_norm
 from jbn._recalibrate import MOMENTUM_OVERRIDE
 
 
-class _BatchNorm(nn.Module):
-    """Shared fields and call of the batch-norm modules.
-
-    ``init`` updates no statistics: it needs no bound ``axis_name``, and takes a batch
-    of one value per channel in training mode too (PyTorch's error for it is raised
-    by ``apply``).
-
+# The fields of every batch-norm module, appended to each public class's docstring
+# (below) so that ``help()`` shows them there.
+_ATTRIBUTES = """
     Attributes:
       num_features: C, the number of channels.
       eps: added to the variance for numerical stability.
@@ -43,6 +39,15 @@ class _BatchNorm(nn.Module):
         ``nn.Sequential``, which passes call arguments to its first layer only):
         give it here or at each call, not both (Flax's ``use_running_average``
         convention); a ValueError naming the layer otherwise.
+    """
+
+
+class _BatchNorm(nn.Module):
+    """Shared fields and call of the batch-norm modules.
+
+    ``init`` updates no statistics: it needs no bound ``axis_name``, and takes a batch
+    of one value per channel in training mode too (PyTorch's error for it is raised
+    by ``apply``).
     """
 
     num_features: int
@@ -197,6 +202,8 @@ class SyncBatchNorm(_BatchNorm):
     ``axis_name`` is required: apply the module inside ``jax.pmap``, ``shard_map`` or
     ``jax.vmap`` that binds it. Training statistics are those of the global batch
     across that axis; evaluation uses the running statistics and does not communicate.
+    Under ``shard_map`` the updated ``batch_stats``, the same on every device, may leave
+    as one replicated value (``out_specs`` ``P()``) with the replication check on.
     """
 
     def __post_init__(self) -> None:
@@ -206,3 +213,8 @@ class SyncBatchNorm(_BatchNorm):
                 "(e.g. axis_name='batch' with jax.pmap(..., axis_name='batch'))"
             )
         super().__post_init__()
+
+
+for _cls in (_BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm):
+    _cls.__doc__ = _cls.__doc__.rstrip() + "\n" + _ATTRIBUTES
+del _cls

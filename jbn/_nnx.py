@@ -193,7 +193,9 @@ class SyncBatchNorm(_BatchNorm):
 
     ``axis_name`` is required: call the module inside a map that binds it (e.g.
     ``nnx.vmap``/``nnx.pmap``/``nnx.shard_map`` with that ``axis_name``, or
-    ``jax.vmap`` over ``nnx.split`` state). Evaluation does not communicate.
+    ``jax.vmap`` over ``nnx.split`` state). Evaluation does not communicate. Under
+    ``nnx.shard_map`` the running statistics, the same on every device, may stay
+    replicated (``in_specs`` ``P()`` for the module) with the replication check on.
     """
 
     def __init__(self, num_features: int, *args: Any, **kwargs: Any) -> None:
