@@ -20,6 +20,7 @@ count 0 and weight 0).
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -218,18 +219,50 @@ def local_moments(x: jax.Array, axis: int, mask: jax.Array | None,
     return Moments(count, shift, offset, shift + offset, m2)
 
 
+# ``all_gather`` typed as the same on every device: ``jax.lax.all_gather(..., to=
+# "invarying")`` in jax 0.10, ``all_gather_invariant`` where JAX exports it by that name.
+if hasattr(jax.lax, "all_gather_invariant"):
+    _all_gather_invariant = jax.lax.all_gather_invariant
+elif "to" in inspect.signature(jax.lax.all_gather).parameters:
+    _all_gather_invariant = functools.partial(jax.lax.all_gather, to="invarying")
+else:
+    _all_gather_invariant = None
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+    """The mapped axes along which JAX types ``x`` as varying (empty where it does not
+    track them); jax 0.10 names that type ``manual_axis_type``, earlier releases ``vma``."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(getattr(aval, "vma", ()) if mat is None else mat.varying)
+
+
 def _all_gather(x: jax.Array, axis_name: Any, axis_index_groups: Any) -> jax.Array:
     """``all_gather`` over ``axis_name``, a name or a tuple of names: ``(devices, *x.shape)``.
 
     A tuple is gathered one name at a time, the last first, so the devices come in the
     tuple's row-major order: ``jax.lax.all_gather`` over a tuple that holds a ``vmap``
     axis fails inside ``pmap`` or another ``vmap``.
+
+    Where JAX tracks which values vary across the devices (``shard_map``'s default
+    ``check_vma=True``) and ``x`` varies along every name, the gather is typed as the
+    same on every device, as a ``pmean`` would be: the merged statistics, and a
+    running state made from them, then leave ``shard_map`` replicated (``P()``). Its
+    transpose slices the cotangent, which that tracking has already summed across the
+    devices; elsewhere (``check_vma=False``, ``vmap``, groups) the plain gather, whose
+    transpose sums them, is used.
     """
-    if not isinstance(axis_name, (tuple, list)) or axis_index_groups is not None:
+    names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+    if axis_index_groups is not None:
         return jax.lax.all_gather(x, axis_name, axis_index_groups=axis_index_groups)
-    for name in reversed(axis_name):
-        x = jax.lax.all_gather(x, name)
-    return x.reshape((-1,) + x.shape[len(axis_name):])
+    gather = jax.lax.all_gather
+    if set(names) <= _varying_axes(x):
+        gather = _all_gather_invariant or gather
+    if len(names) == 1:
+        return gather(x, axis_name)
+    for name in reversed(names):
+        x = gather(x, name)
+    return x.reshape((-1,) + x.shape[len(names):])
 
 
 def global_moments(

@@ -274,6 +274,58 @@ def test_shard_map_and_vmap_with_axis_name_equal_global_batch_and_torch(style, l
     _assert_global_batch(got, params, state, x, dy, axis)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shard_map_with_its_replication_check_returns_the_state_replicated(layout):
+    # shard_map's default check_vma: the new state leaves as one value (P()), as flax's
+    # pmean-synced batch norm's does, with the global batch's values and gradients.
+    axis = LAYOUTS[layout]
+    params, state = _variables()
+    x, dy = _batch(layout)
+
+    def body(params, x, dy):
+        loss, (y, new_state) = _loss(params, state, x, dy, axis, AXIS)
+        return loss[None], y, new_state
+
+    mapped = _shard_map(body, mesh=_mesh(), in_specs=(P(), P(AXIS), P(AXIS)),
+                        out_specs=(P(AXIS), P(AXIS), P()))
+
+    def total(params, x, dy):
+        losses, y, new_state = mapped(params, x, dy)
+        return jnp.sum(losses), (y, new_state)
+
+    grad = jax.jit(jax.grad(total, argnums=(0, 1), has_aux=True))
+    (gp, gx), (y, new_state) = grad(params, x, dy)
+    _assert_global_batch((y, new_state, gx, gp["weight"], gp["bias"]), params, state, x, dy, axis)
+    forward = jax.jit(mapped).lower(params, x, dy).compile().as_text()
+    assert _collectives(forward) == ["all-gather"]
+
+
+def test_sync_modules_under_shard_map_return_replicated_state_with_the_replication_check():
+    from flax import nnx
+
+    from jbn import nnx as jnnx
+
+    x = np.moveaxis(_batch("NCHW", mean=50.0)[0], 1, -1)
+    model = jbn.SyncBatchNorm(C, axis=-1, axis_name=AXIS)
+    variables = model.init(jax.random.key(0), x, train=False)
+    step = _shard_map(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
+                      mesh=_mesh(), in_specs=(P(), P(AXIS)), out_specs=(P(AXIS), P()))
+    y, updates = jax.jit(step)(variables, x)
+    ref_y, ref_updates = jbn.BatchNorm2d(C, axis=-1).apply(
+        variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    _assert_trees_close(updates, ref_updates)
+
+    layer = jnnx.SyncBatchNorm(C, axis=-1, axis_name=AXIS)
+    nnx.jit(lambda m, x: nnx.shard_map(lambda m, x: m(x), mesh=_mesh(), in_specs=(P(), P(AXIS)),
+                                       out_specs=P(AXIS))(m, x))(layer, x)
+    reference = jnnx.BatchNorm2d(C, axis=-1)
+    reference(x)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        np.testing.assert_allclose(getattr(layer, name)[...], getattr(reference, name)[...],
+                                   rtol=1e-5, atol=1e-6)
+
+
 def _run_two_level(outer, params, state, x, dy, axis):
     """A tuple ``axis_name=("outer", "inner")`` over 2 x 4 devices, ``n`` examples each.
 
