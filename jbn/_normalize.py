@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from jbn import _cpu_kernel
+from jbn import _cpu_kernel, _vma
 from jbn._layout import RowView
 
 _F32 = jnp.dtype(jnp.float32)
@@ -104,9 +104,11 @@ def _affine_jvp(view, out_dtype, primals, tangents):
     y = _affine(view, out_dtype, *primals)
     elementwise = (t_rows - view.broadcast(t_centre)) * view.broadcast(scale)
     # The kernel's sums vary over the mapped axes of shard_map as the batch does;
-    # where the scale's or bias's tangent varies over fewer (a replicated weight in
-    # evaluation), the transpose would need a psum, and the plain expression is
-    # used instead, whose transpose has it.
+    # where the scale's or bias's tangent varies over fewer (a replicated weight, or
+    # statistics synchronized under shard_map's replication check), it is typed as
+    # varying too, so that the transpose sums its cotangent over those axes. Where
+    # the types still differ, the plain expression is used.
+    t_scale, t_bias = (_vma.vary_like(t, elementwise) for t in (t_scale, t_bias))
     per_channel = jax.typeof(view.channel_sum(elementwise))
     if jax.typeof(t_scale) == per_channel and jax.typeof(t_bias) == per_channel:
         t_y = _scale_tangent_p().bind(rows, source, centre, t_scale, t_bias, elementwise,

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jbn import _cpu_kernel, _ninther
+from jbn import _cpu_kernel, _ninther, _vma
 from jbn._layout import RowView, default_on_cpu
 
 # Name given to every O(C) statistic, so that a rematerialized backward pass keeps
@@ -229,14 +229,6 @@ else:
     _all_gather_invariant = None
 
 
-def _varying_axes(x: jax.Array) -> frozenset:
-    """The mapped axes along which JAX types ``x`` as varying (empty where it does not
-    track them); jax 0.10 names that type ``manual_axis_type``, earlier releases ``vma``."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    return frozenset(getattr(aval, "vma", ()) if mat is None else mat.varying)
-
-
 def _all_gather(x: jax.Array, axis_name: Any, axis_index_groups: Any) -> jax.Array:
     """``all_gather`` over ``axis_name``, a name or a tuple of names: ``(devices, *x.shape)``.
 
@@ -256,7 +248,7 @@ def _all_gather(x: jax.Array, axis_name: Any, axis_index_groups: Any) -> jax.Arr
     if axis_index_groups is not None:
         return jax.lax.all_gather(x, axis_name, axis_index_groups=axis_index_groups)
     gather = jax.lax.all_gather
-    if set(names) <= _varying_axes(x):
+    if set(names) <= _vma.varying_axes(x):
         gather = _all_gather_invariant or gather
     if len(names) == 1:
         return gather(x, axis_name)

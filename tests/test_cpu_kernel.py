@@ -289,8 +289,9 @@ def test_derivatives_of_every_kind_are_unchanged_by_the_kernel(kernel, monkeypat
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_gradients_under_shard_map_with_replicated_parameters_match_one_device(kernel,
                                                                                train):
-    # In evaluation the weight's tangent is replicated while the batch is split: the
-    # backward pass then takes XLA's sums, whose transpose adds over devices.
+    # The weight's tangent is replicated while the batch is split (in training, the
+    # synchronized statistics' too): typed as varying, its cotangent from the kernel's
+    # sums is added over the devices.
     from jax import shard_map
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
@@ -313,6 +314,7 @@ def test_gradients_under_shard_map_with_replicated_parameters_match_one_device(k
     single = jax.jit(grads(None))(params, x, dy)
     for a, b in zip(jax.tree.leaves(sharded(params, x, dy)), jax.tree.leaves(single)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert "jbn_dot_sums" in sharded.lower(params, x, dy).compile().as_text()
 
 
 def test_gradients_of_vmapped_batch_norm_match_a_loop_over_groups(kernel):
