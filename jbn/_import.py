@@ -1,4 +1,4 @@
-"""Loading a whole PyTorch model's ``state_dict`` into an equivalent Flax linen model."""
+"""Loading a whole PyTorch model's ``state_dict`` into an equivalent Flax model."""
 
 from __future__ import annotations
 
@@ -13,17 +13,38 @@ from flax.core import meta
 from jbn._frozen import FrozenBatchNorm2d
 from jbn._torch import _to_numpy, from_torch_state_dict
 
-Path = tuple[str, ...]
+# A module path: names, or integers where Flax NNX keys a list's children by index.
+Path = tuple[str | int, ...]
 
 
-def _as_path(path: str | Sequence[str]) -> Path:
+def _as_path(path: str | Sequence[str | int]) -> Path:
     return tuple(p for p in path.split("/") if p) if isinstance(path, str) else tuple(path)
 
 
-def _subtree(tree: Any, path: Path) -> Mapping[str, Any] | None:
+def _text(path: Path) -> str:
+    return "/".join(map(str, path))
+
+
+def _resolve(tree: Any, path: Path) -> Path | None:
+    """``path`` with each name as ``tree`` keys it (``"0"`` is the integer key 0 of an
+    NNX list's children where there is no key ``"0"``), or None where it leads nowhere."""
+    keys = []
     for name in path:
-        if not isinstance(tree, Mapping) or name not in tree:
+        if not isinstance(tree, Mapping):
             return None
+        if name not in tree and isinstance(name, str) and name.isdigit() and int(name) in tree:
+            name = int(name)
+        if name not in tree:
+            return None
+        keys.append(name)
+        tree = tree[name]
+    return tuple(keys)
+
+
+def _subtree(tree: Any, path: Path | None) -> Mapping[str, Any] | None:
+    if path is None:
+        return None
+    for name in path:
         tree = tree[name]
     return tree if isinstance(tree, Mapping) else None
 
@@ -40,12 +61,24 @@ def _conv_or_dense_kernel(weight: np.ndarray) -> np.ndarray:
     return weight.transpose(*range(2, weight.ndim), 1, 0)
 
 
+class _IncompleteLayer(KeyError):
+    """A torch layer without all the tensors its Flax layer needs; listed with the
+    other mismatches of the whole load rather than raised alone."""
+
+
+def _layer_error(where: str, error: Exception) -> Exception:
+    """``error`` of one layer's conversion, prefixed with the layer (its message as
+    given, not as ``str`` of a KeyError quotes it)."""
+    message = f"{where}: {error.args[0] if error.args else error}"
+    return _IncompleteLayer(message) if isinstance(error, KeyError) else type(error)(message)
+
+
 def _convert_layer(
     prefix: str, path: Path, tensors: dict[str, np.ndarray], template: dict[str, dict[str, Any]]
 ) -> dict[tuple[str, str], Any]:
     """One layer's torch tensors as ``{(collection, name): array}`` for the Flax layer."""
     params, stats = template.get("params", {}), template.get("batch_stats", {})
-    where = f"torch '{prefix}' -> flax '{'/'.join(path)}'"
+    where = f"torch '{prefix}' -> flax '{_text(path)}'"
     if "kernel" in params:
         out = {}
         if "weight" in tensors and tensors["weight"].ndim < 2:
@@ -64,7 +97,7 @@ def _convert_layer(
         try:
             variables = FrozenBatchNorm2d.from_torch_state_dict(taken)
         except (KeyError, ValueError) as e:
-            raise type(e)(f"{where}: {e}") from e
+            raise _layer_error(where, e) from e
         return {("batch_stats", k): v for k, v in variables["batch_stats"].items()}
     if "scale" in params or "mean" in stats:  # flax.linen.BatchNorm
         renames = {"weight": ("params", "scale"), "bias": ("params", "bias"),
@@ -78,7 +111,7 @@ def _convert_layer(
         try:
             variables = from_torch_state_dict(taken)
         except (KeyError, ValueError) as e:
-            raise type(e)(f"{where}: {e}") from e
+            raise _layer_error(where, e) from e
         return {(c, k): v for c, tree in variables.items() for k, v in tree.items()}
     raise ValueError(
         f"{where}: don't know how to load into a Flax layer with variables "
@@ -105,7 +138,7 @@ def load_torch_state_dict(
     state_dict: Mapping[str, Any],
     name_map: Mapping[str, str | Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """Loads a PyTorch model's ``state_dict`` into an equivalent Flax linen model's variables.
+    """Loads a PyTorch model's ``state_dict`` into an equivalent Flax model's variables.
 
     Like ``torch.nn.Module.load_state_dict(strict=True)``: every torch tensor must be
     used and every Flax variable must be filled, with equal shapes. Per layer:
@@ -123,6 +156,12 @@ def load_torch_state_dict(
     weight ``(I, O, *spatial)``, and a flipped kernel) are not supported, and one whose
     shapes happen to fit would load as a convolution; map them yourself.
 
+    A Flax NNX model loads through its pure-dict state: with ``graph, params, stats =
+    nnx.split(model, nnx.Param, nnx.BatchStat)``, pass ``{"params":
+    nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}``, then put the
+    result back with ``nnx.replace_by_pure_dict`` and ``nnx.merge``. The integer keys
+    of an ``nnx.List``'s children match torch's indices (``features.0``).
+
     Args:
       variables: the Flax model's variables as ``model.init`` gives them (a template:
         its structure, shapes and dtypes are kept), e.g. ``{"params": ...,
@@ -130,7 +169,8 @@ def load_torch_state_dict(
       state_dict: ``torch_model.state_dict()``: keys ``"<layer prefix>.<tensor>"``,
         torch tensors or arrays.
       name_map: torch layer prefix -> Flax module path (``"layer1_0/conv1"`` or a
-        tuple of names), e.g. ``{"layer1.0.conv1": "layer1_0/conv1", "fc": "fc"}``.
+        tuple of names, integers for an NNX list's children), e.g.
+        ``{"layer1.0.conv1": "layer1_0/conv1", "fc": "fc"}``.
         None maps every prefix to itself with ``.`` read as ``/``.
 
     Returns:
@@ -139,7 +179,8 @@ def load_torch_state_dict(
     Raises:
       KeyError: torch keys that no Flax variable takes (a prefix absent from
         ``name_map``, a path with no Flax module, a tensor the layer has no variable
-        for), or Flax variables that no torch key fills; every offending name is listed.
+        for), Flax variables that no torch key fills, or torch layers without every
+        tensor their Flax layer needs; every offending name is listed.
       ValueError: a converted tensor whose shape differs from the Flax variable's.
     """
     arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
@@ -148,9 +189,10 @@ def load_torch_state_dict(
         prefix, _, leaf = key.rpartition(".")
         groups.setdefault(prefix, {})[leaf] = value
     out = _copy(variables)
-    filled: set[tuple[str, Path]] = set()
+    filled: set[tuple[str, str]] = set()
     unused: list[str] = []
-    loaded_from: dict[Path, str] = {}
+    incomplete: list[str] = []
+    loaded_from: dict[str, str] = {}
     for prefix, tensors in groups.items():
         if name_map is None:
             path: Path = tuple(prefix.split(".")) if prefix else ()
@@ -159,43 +201,50 @@ def load_torch_state_dict(
         else:
             unused += [f"{prefix}.{k}" for k in tensors]
             continue
-        if path in loaded_from:
-            raise KeyError(f"torch layers '{loaded_from[path]}' and '{prefix}' both map to "
-                           f"flax '{'/'.join(path)}': one would overwrite the other")
-        loaded_from[path] = prefix
-        template = {c: _leaves(_subtree(variables[c], path)) for c in variables}
+        if _text(path) in loaded_from:
+            raise KeyError(f"torch layers '{loaded_from[_text(path)]}' and '{prefix}' both map "
+                           f"to flax '{_text(path)}': one would overwrite the other")
+        loaded_from[_text(path)] = prefix
+        keys = {c: _resolve(variables[c], path) for c in variables}
+        template = {c: _leaves(_subtree(variables[c], keys[c])) for c in variables}
         template = {c: t for c, t in template.items() if t}
         if not template:
-            unused += [f"{prefix}.{k} (no Flax module at {'/'.join(path)})" for k in tensors]
+            unused += [f"{prefix}.{k} (no Flax module at {_text(path)})" for k in tensors]
             continue
         remaining = dict(tensors)
-        converted = _convert_layer(prefix, path, remaining, template)
+        try:
+            converted = _convert_layer(prefix, path, remaining, template)
+        except _IncompleteLayer as e:
+            incomplete.append(e.args[0])
+            continue
         unused += [f"{prefix}.{k}" for k in remaining]
         for (collection, name), value in converted.items():
             target = meta.unbox(template.get(collection, {}).get(name))
+            where = f"{collection}/{_text(path)}/{name}"
             if target is None:
-                unused.append(f"{prefix} -> {collection}/{'/'.join(path)}/{name}")
+                unused.append(f"{prefix} -> {where}")
                 continue
             value = np.asarray(value)
             if value.shape != tuple(target.shape):
                 raise ValueError(
-                    f"shape mismatch: torch '{prefix}' gives {collection}/{'/'.join(path)}/{name} "
-                    f"shape {value.shape} (after conversion), the Flax variable has shape "
-                    f"{tuple(target.shape)}"
+                    f"shape mismatch: torch '{prefix}' gives {where} shape {value.shape} "
+                    f"(after conversion), the Flax variable has shape {tuple(target.shape)}"
                 )
-            _set(out[collection], (*path, name), jnp.asarray(value, dtype=target.dtype))
-            filled.add((collection, (*path, name)))
+            leaf = (*keys[collection], name)
+            _set(out[collection], leaf, jnp.asarray(value, dtype=target.dtype))
+            filled.add((collection, _text(leaf)))
     missing = [
-        f"{c}/{'/'.join(str(getattr(k, 'key', k)) for k in kp)}"
+        f"{c}/{text}"
         for c in variables
         for kp, _ in jax.tree_util.tree_flatten_with_path(
             variables[c], is_leaf=lambda v: isinstance(v, meta.AxisMetadata))[0]
-        if (c, tuple(str(getattr(k, "key", k)) for k in kp)) not in filled
+        if (c, text := _text(tuple(getattr(k, "key", k) for k in kp))) not in filled
     ]
-    if unused or missing:
+    if unused or missing or incomplete:
         raise KeyError(
             "torch state_dict and Flax variables do not match: unused torch keys: "
             f"{', '.join(sorted(unused)) or 'none'}; Flax variables not filled: "
             f"{', '.join(sorted(missing)) or 'none'}"
+            + "".join(f"; {problem}" for problem in incomplete)
         )
     return out

@@ -250,3 +250,76 @@ def test_batch_norm_mapped_onto_a_dense_layer_names_both():
     state_dict, template = _small_pair()
     with pytest.raises(ValueError, match=r"torch 'bn' -> flax 'head'.*Conv or Dense.*\(4,\)"):
         jbn.load_torch_state_dict(template, state_dict, {"conv": "conv", "bn": "head"})
+
+
+def _two_bn_pair():
+    """A torch model with two BatchNorm1d layers, and the linen model's variables."""
+
+    class TwoBatchNorms(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            return jbn.BatchNorm1d(3, name="b")(jbn.BatchNorm1d(3, name="a")(x, train), train)
+
+    torch.manual_seed(1)
+    tmodel = tnn.Sequential()
+    tmodel.add_module("a", tnn.BatchNorm1d(3))
+    tmodel.add_module("b", tnn.BatchNorm1d(3))
+    tmodel.train()
+    tmodel(torch.randn(8, 3) * 2 + 1)
+    variables = TwoBatchNorms().init(jax.random.key(0), jnp.ones((2, 3)), train=False)
+    return tmodel.state_dict(), variables
+
+
+def test_layers_missing_some_tensors_are_all_listed_with_unquoted_messages():
+    state_dict, template = _two_bn_pair()
+    del state_dict["a.running_var"], state_dict["b.running_var"]
+    with pytest.raises(KeyError) as info:
+        jbn.load_torch_state_dict(template, state_dict)
+    message = info.value.args[0]
+    for layer in ("a", "b"):
+        assert (f"torch '{layer}' -> flax '{layer}': state_dict has ['running_mean', "
+                f"'num_batches_tracked'] but is missing ['running_var']") in message
+        assert f"batch_stats/{layer}/running_var" in message
+    assert "\\'" not in message
+
+
+def test_nnx_model_loads_through_its_pure_dict_with_list_indices_as_torch_names():
+    from flax import nnx
+
+    from jbn import nnx as jnnx
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.features = nnx.List([nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)),
+                                      jnnx.BatchNorm2d(4, axis=-1)])
+            self.head = nnx.Linear(4, 2, rngs=nnx.Rngs(1))
+
+        def __call__(self, x):
+            x = nnx.relu(self.features[1](self.features[0](x)))
+            return self.head(x.mean(axis=(1, 2)))
+
+    torch.manual_seed(2)
+    tmodel = tnn.Module()
+    tmodel.features = tnn.Sequential(tnn.Conv2d(3, 4, 3, padding=1), tnn.BatchNorm2d(4))
+    tmodel.head = tnn.Linear(4, 2)
+    x = torch.randn(4, 3, 6, 6) * 3 + 2
+    tmodel.train()
+    tmodel.features(x)  # running statistics away from their initial values
+    model = Net()
+    graph, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    pure = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
+    for name_map in (None, {"features.0": ("features", 0), "features.1": "features/1",
+                            "head": "head"}):
+        loaded = jbn.load_torch_state_dict(pure, tmodel.state_dict(), name_map)
+        nnx.replace_by_pure_dict(params, loaded["params"])
+        nnx.replace_by_pure_dict(stats, loaded["batch_stats"])
+        model = nnx.merge(graph, params, stats)
+        model.eval()
+        tmodel.eval()
+        with torch.no_grad():
+            expected = tmodel.head(torch.relu(tmodel.features(x)).mean(dim=(2, 3)))
+        got = model(jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-5)
+        bn = model.features[1]
+        np.testing.assert_array_equal(bn.running_var[...], tmodel.features[1].running_var)
+        assert int(bn.num_batches_tracked[...]) == 1
