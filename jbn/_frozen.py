@@ -8,10 +8,11 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jbn import _checks
 from jbn._batch_norm import batch_norm
-from jbn._torch import from_torch_state_dict
+from jbn._torch import from_torch_state_dict, to_torch_state_dict
 
 FROZEN_KEYS = ("weight", "bias", "running_mean", "running_var")
 
@@ -25,7 +26,8 @@ class FrozenBatchNorm2d(nn.Module):
     in the ``batch_stats`` collection, so optimizers (weight decay included) never see
     them: ``{"batch_stats": {"weight", "bias", "running_mean", "running_var"}}``, each
     ``(C,)`` float32, initialized to ones, zeros, zeros and ones. Load a trained
-    ``BatchNorm2d`` with :meth:`from_torch_state_dict`.
+    ``BatchNorm2d`` with :meth:`from_torch_state_dict`; export with
+    :meth:`to_torch_state_dict`.
 
     Input ``(N, C, H, W)`` (``axis=-1``: ``(N, H, W, C)``); an unbatched ``(C, H, W)``
     sample is accepted as a batch of one.
@@ -104,3 +106,34 @@ class FrozenBatchNorm2d(nn.Module):
         variables = from_torch_state_dict(full)
         merged = {**variables["params"], **variables["batch_stats"]}
         return {"batch_stats": {k: merged[k].astype(jnp.float32) for k in FROZEN_KEYS}}
+
+    @staticmethod
+    def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """This layer's variables as ``torchvision.ops.FrozenBatchNorm2d(C).state_dict()``.
+
+        Args:
+          variables: ``{"batch_stats": {"weight", "bias", "running_mean",
+            "running_var"}}``, as ``init`` or :meth:`from_torch_state_dict` give them.
+
+        Returns:
+          Numpy arrays ``weight``, ``bias``, ``running_mean``, ``running_var``, each
+          ``(C,)``; they load into torchvision's ``FrozenBatchNorm2d``, and into a
+          ``torch.nn.BatchNorm2d`` (which then starts its count at 0).
+
+        Raises:
+          KeyError: a collection other than ``batch_stats``, or other keys in it.
+          ValueError: shapes that are not ``(C,)`` for one C.
+        """
+        unknown = sorted(set(variables) - {"batch_stats"})
+        stats = variables.get("batch_stats", {})
+        if unknown or set(stats) != set(FROZEN_KEYS):
+            raise KeyError(
+                f"a frozen batch norm's variables are {{'batch_stats': {list(FROZEN_KEYS)}}}; "
+                f"got {({c: sorted(t) for c, t in variables.items()})}"
+            )
+        state_dict = to_torch_state_dict({
+            "params": {k: stats[k] for k in FROZEN_KEYS[:2]},
+            "batch_stats": {**{k: stats[k] for k in FROZEN_KEYS[2:]},
+                            "num_batches_tracked": np.zeros((), np.int64)},
+        })
+        return {k: state_dict[k] for k in FROZEN_KEYS}

@@ -103,3 +103,25 @@ def test_unbatched_sample_and_rank_check():
     np.testing.assert_array_equal(layer.apply(variables, x[0]), layer.apply(variables, x)[0])
     with pytest.raises(ValueError, match=r"expected 3D or 4D input \(got 2D input\)"):
         layer.apply(variables, x[0, :, 0])
+
+
+def test_exports_a_state_dict_that_torch_loads_back_to_the_same_output():
+    tbn = _trained_torch_bn()
+    variables = jbn.FrozenBatchNorm2d.from_torch_state_dict(tbn.state_dict())
+    state_dict = jbn.FrozenBatchNorm2d.to_torch_state_dict(variables)
+    assert set(state_dict) == {"weight", "bias", "running_mean", "running_var"}
+    fresh = torch.nn.BatchNorm2d(4).eval()
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
+    x = _x(seed=3)
+    y = jbn.FrozenBatchNorm2d(4).apply(variables, jnp.asarray(x))
+    np.testing.assert_allclose(fresh(torch.from_numpy(x)).detach().numpy(), y,
+                               rtol=1e-6, atol=1e-6)
+    for key in state_dict:
+        np.testing.assert_array_equal(state_dict[key], tbn.state_dict()[key].numpy())
+    with pytest.raises(KeyError, match="running_var"):
+        jbn.FrozenBatchNorm2d.to_torch_state_dict(
+            {"batch_stats": {k: variables["batch_stats"][k] for k in state_dict
+                             if k != "running_var"}})
+    replicated = jax.tree.map(lambda v: jnp.stack([v, v]), variables)
+    with pytest.raises(ValueError, match=r"\(C,\).*device axis"):
+        jbn.FrozenBatchNorm2d.to_torch_state_dict(replicated)
