@@ -343,14 +343,16 @@ variables = single.init(jax.random.key(0), x, train=False)
 print("global batch", x.shape, "->", x.shape[0] // n_dev, "images per device")""",
     """md:
 Each device sees an eighth of the batch; `SyncBatchNorm` combines the per-device statistics
-with one collective, so every device normalizes with the statistics of the whole batch.""",
+with one collective, so every device normalizes with the statistics of the whole batch. The
+updated running statistics, the same on every device, leave `shard_map` as one replicated
+value (`P()`), which its replication check accepts.""",
     """
 def sync_step(variables, x_local):
     return sync.apply(variables, x_local, train=True, mutable=["batch_stats"])
 
 
 sharded = jax.jit(jax.shard_map(sync_step, mesh=mesh, in_specs=(P(), P("batch")),
-                                out_specs=(P("batch"), P()), check_vma=False))
+                                out_specs=(P("batch"), P())))
 y_sync, stats_sync = sharded(variables, x)
 y_single, stats_single = single.apply(variables, x, train=True, mutable=["batch_stats"])
 
@@ -364,7 +366,7 @@ which differ from the global ones:""",
     """
 local = jax.jit(jax.shard_map(
     lambda v, xl: single.apply(v, xl, train=True, mutable=["batch_stats"])[0],
-    mesh=mesh, in_specs=(P(), P("batch")), out_specs=P("batch"), check_vma=False))
+    mesh=mesh, in_specs=(P(), P("batch")), out_specs=P("batch")))
 print("unsynchronized: max |output difference|:", float(jnp.abs(local(variables, x) - y_single).max()))""",
     """md:
 ## Unequal batches with `jax.vmap`
