@@ -57,6 +57,7 @@ def init(
       ``track_running_stats=False``). The keys are those of PyTorch's ``state_dict``.
     """
     c = _checks.check_num_features(num_features)
+    dtype = _checks.check_dtype(dtype, "dtype")
     params: dict[str, jax.Array] = {}
     state: dict[str, jax.Array] = {}
     if affine:
@@ -141,8 +142,8 @@ def batch_norm(
         ``axis_index_groups`` without ``axis_name`` or not splitting the axis into
         groups of one size.
       TypeError: a non-array or non-floating input, a non-bool ``train``, ``params``
-        or ``state`` that is not a mapping, a non-boolean ``mask``, or ``axis``,
-        ``eps`` or ``momentum`` of the wrong type.
+        or ``state`` that is not a mapping, a non-boolean ``mask``, a non-floating
+        ``dtype``, or ``axis``, ``eps`` or ``momentum`` of the wrong type.
       NameError: ``axis_name`` not bound by an enclosing map.
     """
     params = {} if params is None else params
@@ -156,7 +157,7 @@ def batch_norm(
     if mask is not None:
         target = _checks.check_mask(mask, x.shape, axis)
         mask = jnp.broadcast_to(jnp.asarray(mask), target)
-    out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+    out_dtype = x.dtype if dtype is None else _checks.check_dtype(dtype, "dtype")
     if axis_index_groups is not None and axis_name is None:
         raise ValueError("axis_index_groups divides the devices along axis_name; "
                          "pass axis_name too")

@@ -49,6 +49,17 @@ def check_momentum(momentum: Any) -> float | None:
     return float(momentum)
 
 
+def check_dtype(dtype: Any, name: str) -> jnp.dtype | None:
+    """Returns ``dtype`` (None kept) as a dtype, or raises unless it is a floating one."""
+    if dtype is None:
+        return None
+    resolved = jnp.dtype(dtype)
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point dtype (float32, bfloat16, float16, "
+                        f"float64), got {resolved}")
+    return resolved
+
+
 def check_train(train: Any) -> bool:
     """Returns ``train`` as a Python bool, or raises for traced or non-boolean values."""
     if isinstance(train, (bool, np.bool_)):
@@ -59,13 +70,32 @@ def check_train(train: Any) -> bool:
     )
 
 
+def to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor, numpy array or jax array as a numpy array (bfloat16 kept, which
+    torch's own conversion to numpy refuses)."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            return np.asarray(value.float().numpy()).astype(jnp.bfloat16)
+        return value.numpy()
+    return np.asarray(value)
+
+
+def to_jax(x: Any) -> jax.Array:
+    """``x`` as a jax array: a jax array as it is, a torch tensor through
+    :func:`to_numpy`, anything else as ``jnp.asarray`` converts it."""
+    if isinstance(x, jax.Array):
+        return x
+    return jnp.asarray(to_numpy(x) if hasattr(x, "detach") else x)
+
+
 def as_array(x: Any) -> jax.Array:
     """``x`` as a jax array, as the modules take it: a jax or numpy array, or another
-    array with a shape and dtype (a torch tensor on the CPU, converted as ``jnp.asarray``
-    does); raises TypeError for values without them (a list, a number)."""
+    array with a shape and dtype (a torch tensor, bfloat16 included); raises TypeError
+    for values without them (a list, a number)."""
     if getattr(x, "dtype", None) is None or getattr(x, "shape", None) is None:
         raise TypeError(f"expected an array input, got {type(x).__name__}")
-    return x if isinstance(x, jax.Array) else jnp.asarray(x)
+    return to_jax(x)
 
 
 def check_input(x: Any, axis: int) -> int:
@@ -188,7 +218,7 @@ def module_batch(
     ``one_value_raises`` (training without synchronization or mask), a sample with
     one value per channel raises PyTorch's error.
     """
-    x = jnp.asarray(x)
+    x = to_jax(x)
     check_rank(x.ndim, batched_ranks, unbatched_rank)
     given = tuple(x.shape)
     unbatched = unbatched_rank is not None and x.ndim == unbatched_rank

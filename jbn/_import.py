@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
+from jbn._checks import to_numpy
 from jbn._frozen import FrozenBatchNorm2d
-from jbn._torch import _to_numpy, from_torch_state_dict
+from jbn._torch import from_torch_state_dict
 
 # A module path: names, or integers where Flax NNX keys a list's children by index.
 Path = tuple[str | int, ...]
@@ -183,7 +184,7 @@ def load_torch_state_dict(
         tensor their Flax layer needs; every offending name is listed.
       ValueError: a converted tensor whose shape differs from the Flax variable's.
     """
-    arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
+    arrays = {k: to_numpy(v) for k, v in state_dict.items()}
     groups: dict[str, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():
         prefix, _, leaf = key.rpartition(".")

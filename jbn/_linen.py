@@ -70,6 +70,8 @@ class _BatchNorm(nn.Module):
         _checks.check_num_features(self.num_features)
         _checks.check_eps(self.eps)
         _checks.check_momentum(self.momentum)
+        _checks.check_dtype(self.dtype, "dtype")
+        _checks.check_dtype(self.param_dtype, "param_dtype")
         if self.train is not None and not isinstance(self.train, (bool, np.bool_)):
             raise TypeError(f"{self._label()}: the train field must be a Python bool or None, "
                             f"got {type(self.train).__name__}")

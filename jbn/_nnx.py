@@ -84,8 +84,8 @@ class _BatchNorm(nnx.Module):
         self.axis = axis
         self.axis_name = axis_name
         self.axis_index_groups = axis_index_groups
-        self.dtype = dtype
-        self.param_dtype = param_dtype
+        self.dtype = _checks.check_dtype(dtype, "dtype")
+        self.param_dtype = _checks.check_dtype(param_dtype, "param_dtype")
         self.use_running_average = bool(use_running_average)
         c = self.num_features
         if affine:

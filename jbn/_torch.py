@@ -11,19 +11,9 @@ import numpy as np
 from flax.core import meta
 
 from jbn._batch_norm import at_least_float32
-from jbn._checks import PARAM_KEYS, STATE_KEYS
+from jbn._checks import PARAM_KEYS, STATE_KEYS, to_numpy
 
 _INT32_MAX = np.iinfo(np.int32).max
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    """A torch tensor, numpy array or jax array as a numpy array (bfloat16 kept)."""
-    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            return np.asarray(value.float().numpy()).astype(jnp.bfloat16)
-        return value.numpy()
-    return np.asarray(value)
 
 
 # Flax variables that jax.pmap or flax.jax_utils.replicate gave a leading device axis.
@@ -77,7 +67,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict[str, 
             f"unexpected keys {unknown} in a batch-norm state_dict; expected {list(PARAM_KEYS)} "
             f"and/or {list(STATE_KEYS)} (strip a layer's prefix, e.g. 'bn1.', first)"
         )
-    arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
+    arrays = {k: to_numpy(v) for k, v in state_dict.items()}
     _check_shapes(arrays)
     variables: dict[str, dict[str, jax.Array]] = {}
     for collection, keys in (("params", PARAM_KEYS), ("batch_stats", STATE_KEYS)):

@@ -96,6 +96,22 @@ def test_non_floating_input_raises_type_error_naming_the_dtype(dtype):
         jbn.BatchNorm1d(3).init(jax.random.key(0), x, train=False)
 
 
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.complex64])
+def test_non_floating_output_or_parameter_dtype_raises_type_error(dtype):
+    from jbn import nnx as jnnx
+
+    message = f"must be a floating-point dtype.*got {jnp.dtype(dtype)}"
+    with pytest.raises(TypeError, match="dtype " + message):
+        jbn.batch_norm(*jbn.init(3), jnp.ones((4, 3)), True, dtype=dtype)
+    with pytest.raises(TypeError, match="dtype " + message):
+        jbn.init(3, dtype=dtype)
+    for module in (jbn.BatchNorm1d, jnnx.BatchNorm1d):
+        with pytest.raises(TypeError, match="^dtype " + message):
+            module(3, dtype=dtype)
+        with pytest.raises(TypeError, match="^param_dtype " + message):
+            module(3, param_dtype=dtype)
+
+
 def test_unbound_axis_name_raises_name_error_naming_the_axis():
     with pytest.raises(NameError, match="'batch'"):
         jbn.batch_norm(*jbn.init(3), jnp.ones((4, 3)), True, axis_name="batch")

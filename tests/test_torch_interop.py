@@ -161,5 +161,11 @@ def test_batch_norm_takes_a_torch_tensor_as_the_modules_do():
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_module))
     np.testing.assert_allclose(np.asarray(state["running_var"]), layer.running_var.numpy(),
                                rtol=1e-6)
+    x16 = x.to(torch.bfloat16)  # which torch's own conversion to numpy refuses
+    y16, _ = jbn.batch_norm(variables["params"], variables["batch_stats"], x16, True)
+    y16_module, _ = jbn.BatchNorm2d(4).apply(variables, x16, train=True, mutable=["batch_stats"])
+    assert y16.dtype == y16_module.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y), atol=0.05)
+    np.testing.assert_array_equal(np.asarray(y16, np.float32), np.asarray(y16_module, np.float32))
     with pytest.raises(TypeError, match="expected an array input, got list"):
         jbn.batch_norm(variables["params"], variables["batch_stats"], x.tolist(), True)
