@@ -338,7 +338,7 @@ def run(shapes: list[tuple[int, ...]], linear: list[tuple[int, ...]], repeats: i
                      f"- copy bandwidth (y = x + 1, float32): {copy['xla'] / 1e9:.1f} GB/s in "
                      f"XLA and {copy['torch'] / 1e9:.1f} GB/s in torch over "
                      f"{copy_mib} MiB; {copy_largest['xla'] / 1e9:.1f} and "
-                     f"{copy_largest['torch'] / 1e9:.1f} GB/s over {largest / 2**20:.1f} MiB, "
+                     f"{copy_largest['torch'] / 1e9:.1f} GB/s over {largest / 2**20:.3g} MiB, "
                      "the largest float32 input here", repeated]
             if gpu:
                 lines.append(f"- floor: the bytes each mode must move over "
@@ -416,6 +416,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cores and max(args.cores) > all_cores():
+        parser.error(f"--cores {max(args.cores)}: this process may run on {all_cores()} "
+                     "core(s) only")
     if args.measure_to:
         torch.set_num_threads(min(torch.get_num_threads(), all_cores()))
         configs = [_config(c) for c in json.loads(args.configs)]

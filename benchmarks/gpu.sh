@@ -18,7 +18,8 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.5
 # Programs compiled once are reused from this cache by the later steps (kernels.py
 # compiles bench.py's programs again, resnet_step.py its step twice).
 export JAX_COMPILATION_CACHE_DIR=/tmp/jbn-jax-cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
-python3 -c "import jax; assert jax.devices()[0].platform == 'gpu', jax.devices()" || exit 1
+python3 -c "import jax, sys; jax.devices()[0].platform == 'gpu' or sys.exit(
+    f'gpu.sh needs a GPU that JAX sees (a jax with CUDA); it sees {jax.devices()}')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv \
     > "$out/nvidia-smi.txt"
 

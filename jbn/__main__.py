@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -84,6 +85,16 @@ def _set_device_count(n: int) -> None:
             pass
 
 
+def _resume_command(args: argparse.Namespace, demo_parser: argparse.ArgumentParser) -> str:
+    """The command that continues this run: ``--resume`` with its non-default settings."""
+    words = ["jbn", "demo", "--resume"]
+    for name in ("epochs", "seed", "lr", "batch_size", "devices"):
+        value = getattr(args, name)
+        if value != demo_parser.get_default(name):
+            words += [f"--{name.replace('_', '-')}", str(value)]
+    return shlex.join([*words, "--out", str(args.out)])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m jbn`` and the ``jbn`` script; returns the exit status."""
     parser = build_parser()
@@ -122,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # A checkpoint is written after each epoch: none before the first ends.
         saved = (args.out / _demo.CHECKPOINT_NAME).exists()
-        hint = f"; continue with --resume --out {args.out}" if saved else ""
+        hint = f"; continue with {_resume_command(args, demo_parser)}" if saved else ""
         print(f"\ninterrupted{hint}", file=sys.stderr)
         return 130
     return 0

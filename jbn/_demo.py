@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -430,6 +431,23 @@ def plot_curves(histories: dict[str, dict[str, list[Any]]], lr: float, path: Pat
     plt.close(fig)
 
 
+def prepare_out_dir(out_dir: Path) -> None:
+    """Creates ``out_dir`` and writes a file there, so that a path that cannot take
+    the outputs fails before any training; raises :class:`DemoError` otherwise."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        raise DemoError(f"--out {out_dir}: not a directory that files can be written to "
+                        f"({err.strerror or err})") from err
+
+
+def plural(n: int, noun: str) -> str:
+    """``"1 epoch"``, ``"2 epochs"``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def run_demo(config: DemoConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Trains both networks with a progress bar, prints a summary, writes plot and checkpoint.
 
@@ -442,7 +460,8 @@ def run_demo(config: DemoConfig, out_dir: Path, resume: bool = False) -> dict[st
       The metrics written to ``metrics.json``.
 
     Raises:
-      DemoError: a batch larger than the training set; on resume, a missing checkpoint,
+      DemoError: an ``out_dir`` that files cannot be written to, a batch larger than
+        the training set; on resume, a missing checkpoint,
         one made with other settings, or
         one that already has ``config.epochs`` epochs.
     """
@@ -452,6 +471,7 @@ def run_demo(config: DemoConfig, out_dir: Path, resume: bool = False) -> dict[st
 
     console = Console()
     wall_start = time.perf_counter()
+    prepare_out_dir(out_dir)
     data = load_digits_split(config.seed, config.test_fraction)
     if config.batch_size > len(data["x_train"]):
         raise DemoError(
@@ -466,7 +486,7 @@ def run_demo(config: DemoConfig, out_dir: Path, resume: bool = False) -> dict[st
             raise DemoError(f"--resume: no checkpoint at {ckpt_path}")
         try:
             start_epoch, saved, states, histories = load_checkpoint(ckpt_path, config, data)
-        except (ValueError, KeyError, TypeError) as err:  # msgpack's errors are ValueErrors
+        except (ValueError, KeyError, TypeError, OSError) as err:  # msgpack's: ValueErrors
             raise DemoError(f"--resume: {ckpt_path} is not a readable checkpoint of this "
                             f"demo ({type(err).__name__}: {err})") from err
         for key in ("seed", "lr", "batch_size", "width", "test_fraction"):
@@ -477,13 +497,12 @@ def run_demo(config: DemoConfig, out_dir: Path, resume: bool = False) -> dict[st
                 )
         if start_epoch >= config.epochs:
             raise DemoError(
-                f"--resume: the checkpoint already has {start_epoch} epochs; "
+                f"--resume: the checkpoint already has {plural(start_epoch, 'epoch')}; "
                 f"pass --epochs greater than {start_epoch}"
             )
         console.print(f"Resumed from {ckpt_path} after epoch {start_epoch}.")
     else:
         states = {name: trainer.init() for name, trainer in trainers.items()}
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     steps = trainers["bn"].steps
     console.print(
@@ -516,7 +535,8 @@ def run_demo(config: DemoConfig, out_dir: Path, resume: bool = False) -> dict[st
     plot_curves(histories, config.lr, plot_path)
     wall = time.perf_counter() - wall_start
 
-    table = Table(title=f"Digits, {config.epochs} epochs, lr={config.lr:g} (same for both)")
+    table = Table(title=f"Digits, {plural(config.epochs, 'epoch')}, lr={config.lr:g} "
+                        "(same for both)")
     for column in ("network", "train loss", "train acc", "test loss", "test acc", "time"):
         table.add_column(column, justify="left" if column == "network" else "right", no_wrap=True)
     metrics: dict[str, Any] = {"config": dataclasses.asdict(config), "runs": {}}

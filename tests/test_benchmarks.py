@@ -190,3 +190,12 @@ def test_eager_benchmark_times_every_implementation_in_both_modes(tmp_path):
     assert all(float(r[4]) > 0 for r in rows)
     # The core's own row is the ratio's denominator.
     assert all(float(r[5]) == 1 for r in rows if r[2].strip() == "jbn.batch_norm")
+
+
+def test_bench_refuses_more_cores_than_the_process_may_use():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick",
+                             "--cores", str(cores + 1)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 2
+    assert f"--cores {cores + 1}: this process may run on {cores} core(s) only" in result.stderr

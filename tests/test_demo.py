@@ -209,3 +209,38 @@ def test_data_parallel_step_with_sync_batch_norm_equals_the_single_device_step()
         lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6),
         single, parallel,
     )
+
+
+def test_out_that_cannot_take_files_is_a_one_line_error_before_training(tmp_path: Path):
+    existing_file = tmp_path / "afile"
+    existing_file.write_text("")
+    for out in (existing_file, existing_file / "sub"):
+        result = run_cli("demo", "--epochs", "1", "--out", str(out))
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            f"jbn demo: error: --out {out}: not a directory that files can be written to "
+            f"({'File exists' if out == existing_file else 'Not a directory'})"
+        ]
+
+
+def test_resume_from_a_directory_in_place_of_the_checkpoint_is_a_one_line_error(tmp_path: Path):
+    (tmp_path / _demo.CHECKPOINT_NAME).mkdir()
+    result = run_cli("demo", "--epochs", "1", "--resume", "--out", str(tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not a readable checkpoint of this demo" in lines[0], lines
+
+
+def test_the_resume_hint_after_an_interrupt_repeats_the_runs_settings():
+    import shlex
+
+    from jbn.__main__ import _resume_command, build_parser
+
+    parser = build_parser()
+    demo_parser = parser._subparsers._group_actions[0].choices["demo"]  # noqa: SLF001
+    given = ["demo", "--epochs", "30", "--lr", "0.3", "--seed", "0", "--out", "runs/a b"]
+    args = parser.parse_args(given)
+    command = _resume_command(args, demo_parser)
+    assert command == "jbn demo --resume --epochs 30 --lr 0.3 --out 'runs/a b'"
+    resumed = parser.parse_args(shlex.split(command)[1:])
+    assert resumed.resume and vars(resumed) == {**vars(args), "resume": True}
