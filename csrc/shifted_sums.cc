@@ -275,9 +275,11 @@ JBN_CLONES void ShiftRange(const T* x, int64_t p, int64_t c, int64_t q, const in
     const T* xc = xb + k * q;
     float v[kSamples];
     for (int64_t j = 0; j < n; ++j) v[j] = ToFloat(xc[offset[j]]);
-    shift[i * c + k] = n == 1 ? v[0]
-                              : Median3(Median3(v[0], v[1], v[2]), Median3(v[3], v[4], v[5]),
-                                        Median3(v[6], v[7], v[8]));
+    const float s = n == 1 ? v[0]
+                           : Median3(Median3(v[0], v[1], v[2]), Median3(v[3], v[4], v[5]),
+                                     Median3(v[6], v[7], v[8]));
+    // Not finite (infinities or NaN sampled): 0, as jbn/_ninther.py does.
+    shift[i * c + k] = std::isfinite(s) ? s : 0.0f;
   }
 }
 

@@ -88,9 +88,15 @@ def ninther(values: list[jax.Array], computed_once: bool = False) -> jax.Array:
     batch-sized loop that subtracts the shift (the sums, the normalization, the
     backward pass's ``dx``), to run at each element. XLA never fuses a sort, so the
     last step's larger of two values is taken by sorting them: the same value.
+
+    A shift that is not finite (a channel sampled at infinities or NaN) is 0, so that
+    such a channel's statistics are PyTorch's: a mean of inf where its values sum to
+    inf, rather than the NaN of ``inf - inf``.
     """
     a, b, c = (median3(*values[i:i + 3]) for i in range(0, SAMPLES, 3))
     low, high = jnp.minimum(a, b), jnp.minimum(jnp.maximum(a, b), c)
+    finite = jnp.isfinite(jnp.maximum(low, high))
+    low, high = jnp.where(finite, low, 0), jnp.where(finite, high, 0)
     if computed_once:
         return jax.lax.sort(jnp.stack([low, high]), dimension=0)[1]
     return jnp.maximum(low, high)

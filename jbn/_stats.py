@@ -57,8 +57,8 @@ def _shift(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
     size) is sampled at the same relative positions, computed when the program runs.
     """
     reduced = [i for i in range(x.ndim) if i != axis]
-    if not reduced:
-        return jax.lax.stop_gradient(x)
+    if not reduced:  # one value per channel: the shift, finite as the ninther's
+        return jax.lax.stop_gradient(jnp.where(jnp.isfinite(x), x, 0))
     dims = [x.shape[i] for i in reduced]
 
     def at(idx: tuple) -> jax.Array:

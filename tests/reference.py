@@ -116,17 +116,19 @@ def ninther_shift(x: np.ndarray, axis: int) -> np.ndarray:
     index ``(2k + 1) * L_d // 6``, ``k = (i + d) % 3``, along each axis ``d``; each
     centre's flat (row-major) position, kept within one value of either end, with
     the values just before and after it; the median of the three runs' medians.
-    With fewer than nine values, the middle one.
+    With fewer than nine values, the middle one. A shift that is not finite is 0.
     """
     moved = np.moveaxis(np.asarray(x), axis, -1)
     dims = moved.shape[:-1]
     values = moved.reshape(-1, x.shape[axis])
     r = values.shape[0]
     if r < 9:
-        return values[r // 2]
+        shift = values[r // 2]
+        return np.where(np.isfinite(shift), shift, 0).astype(shift.dtype)
     runs = []
     for i in range(3):
         centre = tuple((2 * ((i + d) % 3) + 1) * length // 6 for d, length in enumerate(dims))
         t = int(np.clip(np.ravel_multi_index(centre, dims), 1, r - 2))
         runs.append(np.median(values[t - 1:t + 2], axis=0))
-    return np.median(np.stack(runs), axis=0)
+    shift = np.median(np.stack(runs), axis=0)
+    return np.where(np.isfinite(shift), shift, 0).astype(shift.dtype)

@@ -339,3 +339,27 @@ def test_low_precision_runs_under_strict_dtype_promotion_as_under_standard(dtype
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert g.dtype == w.dtype
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+@pytest.mark.parametrize("path", ["kernel", "masked", "float16"])
+def test_channels_of_infinities_and_nan_give_torchs_statistics(path):
+    # A channel sampled at infinities: its mean is torch's inf (or -inf), not the NaN
+    # of inf - inf; its variance and outputs NaN, as torch's. Masked and float16 batches
+    # take XLA's sums on the CPU, the others the kernel where it was built.
+    x = np.random.default_rng(3).standard_normal((6, 4, 5)).astype(np.float32)
+    x[:, 0] = np.inf
+    x[:4, 1] = -np.inf
+    x[0, 2, 0] = np.nan
+    layer = torch.nn.BatchNorm1d(4).train()
+    expected_y = layer(torch.from_numpy(x)).detach().numpy()
+    dtype = jnp.float16 if path == "float16" else jnp.float32
+    mask = jnp.ones((6, 5), bool) if path == "masked" else None
+    y, state = jbn.batch_norm(*jbn.init(4), jnp.asarray(x, dtype), True, mask=mask)
+    np.testing.assert_array_equal(state["running_mean"][:3], layer.running_mean.numpy()[:3])
+    np.testing.assert_allclose(state["running_mean"][3], layer.running_mean.numpy()[3],
+                               rtol=1e-5, atol=1e-3 if path == "float16" else 0)
+    np.testing.assert_array_equal(np.isnan(state["running_var"]),
+                                  np.isnan(layer.running_var.numpy()))
+    np.testing.assert_array_equal(np.isnan(y[:, :3]), np.isnan(expected_y[:, :3]))
+    np.testing.assert_allclose(np.asarray(y[:, 3], np.float32), expected_y[:, 3],
+                               rtol=1e-2 if path == "float16" else 1e-5, atol=1e-2)

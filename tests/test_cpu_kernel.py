@@ -520,14 +520,17 @@ def test_jit_over_a_sharded_batch_partitions_the_sums_instead_of_gathering_the_b
 
 
 @pytest.mark.parametrize("position", range(9))
-def test_kernel_shift_is_nan_when_a_sampled_value_is_nan_as_in_xla(kernel, position):
-    # All nine values of a channel of nine are sampled; XLA's median propagates NaN.
+def test_kernel_shift_is_zero_and_sums_nan_when_a_sampled_value_is_nan_as_in_xla(kernel,
+                                                                                  position):
+    # All nine values of a channel of nine are sampled; the median propagates NaN, and
+    # a shift that is not finite is 0 in both.
     x = np.arange(1, 10, dtype=np.float32).reshape(9, 1, 1)
     x[position] = np.nan
     shift, s1, s2 = jax.jit(kernel.shifted_sums)(jnp.asarray(x))
     want = jax.jit(lambda x: kernel._xla_shifted_sums(kernel._flat(x), q=1, before=(9,),
                                                       after=(1,)))(jnp.asarray(x))
-    for got, expected in zip((shift, s1, s2), want):
+    assert shift[0] == want[0][0] == 0
+    for got, expected in zip((s1, s2), want[1:]):
         assert np.isnan(got[0]) and np.isnan(expected[0])
 
 
