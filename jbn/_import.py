@@ -202,15 +202,16 @@ def load_torch_state_dict(
         else:
             unused += [f"{prefix}.{k}" for k in tensors]
             continue
-        if _text(path) in loaded_from:
-            raise KeyError(f"torch layers '{loaded_from[_text(path)]}' and '{prefix}' both map "
-                           f"to flax '{_text(path)}': one would overwrite the other")
-        loaded_from[_text(path)] = prefix
+        text = _text(path)
+        if text in loaded_from:
+            raise KeyError(f"torch layers '{loaded_from[text]}' and '{prefix}' both map "
+                           f"to flax '{text}': one would overwrite the other")
+        loaded_from[text] = prefix
         keys = {c: _resolve(variables[c], path) for c in variables}
         template = {c: _leaves(_subtree(variables[c], keys[c])) for c in variables}
         template = {c: t for c, t in template.items() if t}
         if not template:
-            unused += [f"{prefix}.{k} (no Flax module at {_text(path)})" for k in tensors]
+            unused += [f"{prefix}.{k} (no Flax module at {text})" for k in tensors]
             continue
         remaining = dict(tensors)
         try:
@@ -221,7 +222,7 @@ def load_torch_state_dict(
         unused += [f"{prefix}.{k}" for k in remaining]
         for (collection, name), value in converted.items():
             target = meta.unbox(template.get(collection, {}).get(name))
-            where = f"{collection}/{_text(path)}/{name}"
+            where = f"{collection}/{text}/{name}"
             if target is None:
                 unused.append(f"{prefix} -> {where}")
                 continue
@@ -235,11 +236,11 @@ def load_torch_state_dict(
             _set(out[collection], leaf, jnp.asarray(value, dtype=target.dtype))
             filled.add((collection, _text(leaf)))
     missing = [
-        f"{c}/{text}"
+        f"{c}/{leaf_text}"
         for c in variables
         for kp, _ in jax.tree_util.tree_flatten_with_path(
             variables[c], is_leaf=lambda v: isinstance(v, meta.AxisMetadata))[0]
-        if (c, text := _text(tuple(getattr(k, "key", k) for k in kp))) not in filled
+        if (c, leaf_text := _text(tuple(getattr(k, "key", k) for k in kp))) not in filled
     ]
     if unused or missing or incomplete:
         raise KeyError(

@@ -20,7 +20,6 @@ count 0 and weight 0).
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -219,16 +218,6 @@ def local_moments(x: jax.Array, axis: int, mask: jax.Array | None,
     return Moments(count, shift, offset, shift + offset, m2)
 
 
-# ``all_gather`` typed as the same on every device: ``jax.lax.all_gather(..., to=
-# "invarying")`` in jax 0.10, ``all_gather_invariant`` where JAX exports it by that name.
-if hasattr(jax.lax, "all_gather_invariant"):
-    _all_gather_invariant = jax.lax.all_gather_invariant
-elif "to" in inspect.signature(jax.lax.all_gather).parameters:
-    _all_gather_invariant = functools.partial(jax.lax.all_gather, to="invarying")
-else:
-    _all_gather_invariant = None
-
-
 def _all_gather(x: jax.Array, axis_name: Any, axis_index_groups: Any) -> jax.Array:
     """``all_gather`` over ``axis_name``, a name or a tuple of names: ``(devices, *x.shape)``.
 
@@ -249,7 +238,7 @@ def _all_gather(x: jax.Array, axis_name: Any, axis_index_groups: Any) -> jax.Arr
         return jax.lax.all_gather(x, axis_name, axis_index_groups=axis_index_groups)
     gather = jax.lax.all_gather
     if set(names) <= _vma.varying_axes(x):
-        gather = _all_gather_invariant or gather
+        gather = _vma.all_gather_invariant or gather
     if len(names) == 1:
         return gather(x, axis_name)
     for name in reversed(names):

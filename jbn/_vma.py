@@ -9,7 +9,20 @@ it so. Outside ``shard_map``, or with the check off, no axis is tracked.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import jax
+
+# ``all_gather`` typed as the same on every device: ``jax.lax.all_gather(..., to=
+# "invarying")`` in jax 0.10, ``all_gather_invariant`` where JAX exports it by that name;
+# None where neither exists.
+if hasattr(jax.lax, "all_gather_invariant"):
+    all_gather_invariant = jax.lax.all_gather_invariant
+elif "to" in inspect.signature(jax.lax.all_gather).parameters:
+    all_gather_invariant = functools.partial(jax.lax.all_gather, to="invarying")
+else:
+    all_gather_invariant = None
 
 
 def varying_axes(x: jax.Array) -> frozenset:
