@@ -205,7 +205,7 @@ def test_gradient_through_remat_and_jit_equals_eager():
     eager = jax.grad(loss, argnums=(0, 1))(params, x)
     for wrapped in (jax.jit(jax.grad(loss, argnums=(0, 1))),
                     jax.grad(jax.checkpoint(loss), argnums=(0, 1))):
-        for a, b in zip(jax.tree_util.tree_leaves(wrapped(params, x)), jax.tree_util.tree_leaves(eager)):
+        for a, b in zip(jax.tree_util.tree_leaves(wrapped(params, x)), jax.tree_util.tree_leaves(eager), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -336,7 +336,7 @@ def test_low_precision_runs_under_strict_dtype_promotion_as_under_standard(dtype
     want = run()
     with jax.numpy_dtype_promotion("strict"):
         got = run()
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert g.dtype == w.dtype
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
 

@@ -241,7 +241,7 @@ def test_batch_norm_gives_the_same_values_without_the_kernel(kernel, monkeypatch
     # float32 statistics, summed in another order: a few ulps (bfloat16 outputs may
     # round the other way, one bfloat16 ulp).
     rtol = 1e-5 if dtype == jnp.float32 else 2**-7
-    for a, b in zip(jax.tree.leaves(with_kernel), jax.tree.leaves(without)):
+    for a, b in zip(jax.tree.leaves(with_kernel), jax.tree.leaves(without), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                    rtol=rtol, atol=rtol)
 
@@ -282,7 +282,7 @@ def test_derivatives_of_every_kind_are_unchanged_by_the_kernel(kernel, monkeypat
     monkeypatch.setattr(_cpu_kernel, "available", lambda: False)
     *without, hlo = derivatives()
     assert "jbn_shifted_sums" not in hlo and "jbn_dot_sums" not in hlo
-    for a, b in zip(jax.tree.leaves(with_kernel), jax.tree.leaves(without)):
+    for a, b in zip(jax.tree.leaves(with_kernel), jax.tree.leaves(without), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
@@ -312,7 +312,7 @@ def test_gradients_under_shard_map_with_replicated_parameters_match_one_device(k
     sharded = jax.jit(shard_map(grads("batch"), mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
                                 out_specs=(P(), P("batch"))))
     single = jax.jit(grads(None))(params, x, dy)
-    for a, b in zip(jax.tree.leaves(sharded(params, x, dy)), jax.tree.leaves(single)):
+    for a, b in zip(jax.tree.leaves(sharded(params, x, dy)), jax.tree.leaves(single), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert "jbn_dot_sums" in sharded.lower(params, x, dy).compile().as_text()
 
@@ -336,10 +336,10 @@ def test_gradients_of_vmapped_batch_norm_match_a_loop_over_groups(kernel):
     per_group = jax.jit(jax.vmap(grad, in_axes=(None, 0)))(params, x)
     total = jax.jit(jax.grad(lambda p, x: jnp.sum(jax.vmap(loss, in_axes=(None, 0))(p, x)),
                              argnums=(0, 1)))(params, x)
-    for a, b in zip(jax.tree.leaves(per_group), jax.tree.leaves(looped)):
+    for a, b in zip(jax.tree.leaves(per_group), jax.tree.leaves(looped), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     summed = (jax.tree.map(lambda g: g.sum(0), looped[0]), looped[1])
-    for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(summed)):
+    for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(summed), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -442,7 +442,7 @@ def test_exported_training_step_holds_no_kernel_call_and_matches_the_kernel(kern
     assert _kernel_calls(exported.mlir_module()) == []
     if "cpu" in platforms:
         for a, b in zip(jax.tree.leaves(exported.call(params, state, x)),
-                        jax.tree.leaves(compiled_here(params, state, x))):
+                        jax.tree.leaves(compiled_here(params, state, x)), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 

@@ -86,7 +86,7 @@ def test_gradients_exported_for_any_batch_size_match_the_jitted_ones(case, dtype
                         jnp.float32)
         # The same float32 arithmetic, summed in another order.
         for a, b in zip(jax.tree.leaves(exported.call(params, x)),
-                        jax.tree.leaves(grad(params, x))):
+                        jax.tree.leaves(grad(params, x)), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -102,7 +102,7 @@ def test_module_exported_for_any_batch_size_updates_its_batch_stats_as_jitted():
     for b in (2, 6):
         x = jnp.asarray(np.random.default_rng(b).standard_normal((b, C, 4, 4)) + 1, jnp.float32)
         for got, want in zip(jax.tree.leaves(exported.call(variables, x)),
-                             jax.tree.leaves(jax.jit(step)(variables, x))):
+                             jax.tree.leaves(jax.jit(step)(variables, x)), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 

@@ -79,7 +79,7 @@ def _compare_views(monkeypatch, shape, axis):
 
     for train, use_mask in [(True, False), (True, True), (False, False)]:
         ours, theirs = run(True, train, use_mask), run(False, train, use_mask)
-        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -111,7 +111,7 @@ def test_bfloat16_input_differentiates_as_its_float32_values(monkeypatch, matrix
         return jnp.sum(f(p, x) * dy)
 
     def check(a, b, rtol):
-        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32),
                                        rtol=rtol, atol=rtol)
 

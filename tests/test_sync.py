@@ -400,7 +400,7 @@ def test_axis_name_given_as_a_list_equals_the_tuple():
         return jax.vmap(jax.vmap(f, axis_name="inner"), axis_name="outer")(x)
 
     got, want = run(["outer", "inner"]), run(("outer", "inner"))
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(g, w)
     # ... and both are the global batch's statistics.
     _, global_state = jbn.batch_norm(params, state, x.reshape(-1, 4, 5, C), True, axis=-1)
@@ -640,7 +640,7 @@ def test_explicit_sharding_evaluation_and_module_equal_one_device(layout):
     single = (jax.jit(lambda x: jbn.batch_norm(params, state, x, False, axis=axis))(x),
               jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
                   variables, x))
-    for got, want in zip(jax.tree.leaves((evaluated, trained)), jax.tree.leaves(single)):
+    for got, want in zip(jax.tree.leaves((evaluated, trained)), jax.tree.leaves(single), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -654,7 +654,7 @@ def test_explicit_sharding_with_a_split_mask_equals_one_device():
         split = NamedSharding(mesh, P(AXIS))
         got = step(params, state, *(jax.device_put(a, split) for a in (x, dy, mask)))
     want = step(params, state, x, dy, mask)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -671,7 +671,7 @@ def test_explicit_sharding_vmap_over_split_groups_normalizes_each_group_on_its_d
         (y, new_state), hlo = fn(split), fn.lower(split).compile().as_text()
     assert jax.typeof(y).sharding.spec[0] == AXIS
     assert not _collectives(hlo)
-    for a, b in zip(jax.tree.leaves((y, new_state)), jax.tree.leaves(fn(groups))):
+    for a, b in zip(jax.tree.leaves((y, new_state)), jax.tree.leaves(fn(groups)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -795,7 +795,7 @@ def _pmap_train(model, variables, x):
 
 def _assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
     assert jax.tree.structure(got) == jax.tree.structure(want)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
 
 
@@ -852,7 +852,7 @@ def test_converted_model_gradients_under_vmap_equal_sync_batch_norm_and_global_b
     want = jax.jit(jax.grad(lambda p: loss(p, model.apply, x)))(variables["params"])
     # Each entry sums 576 float32 products with cancellation: compare relative to the
     # largest entry of each gradient (both sides are within 5e-6 of that from float64).
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(np.max(np.abs(w))))
 
 

@@ -57,7 +57,8 @@ def test_flax_variables_round_trip_through_torch():
     variables = {**variables, **updates}
     back = jbn.from_torch_state_dict(
         {k: torch.from_numpy(v) for k, v in jbn.to_torch_state_dict(variables).items()})
-    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(variables)):
+    assert jax.tree.structure(back) == jax.tree.structure(variables)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(variables), strict=True):
         np.testing.assert_array_equal(a, b)
         assert a.dtype == b.dtype
 
