@@ -154,7 +154,10 @@ class _BatchNorm(nnx.Module):
         )
         if train:
             for k in keys:
-                getattr(self, k)[...] = new_state[k]
+                # A whole new value, of the variable's shape and dtype: set_value skips
+                # the indexed write (an eager array op per variable, and a write into
+                # the caller's arrays where the state holds numpy ones).
+                getattr(self, k).set_value(new_state[k])
         return y[0] if unbatched else y
 
 

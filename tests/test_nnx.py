@@ -127,6 +127,24 @@ def test_eval_mode_uses_running_stats_and_leaves_them_unchanged():
     np.testing.assert_array_equal(bn.running_mean[...], [1.0, 2.0, 3.0])
 
 
+def test_state_restored_as_read_only_numpy_arrays_trains_and_stays_the_callers():
+    # A checkpoint restored with msgpack gives read-only numpy arrays; training replaces
+    # the module's values instead of writing into them, as in torch.
+    tbn = torch.nn.BatchNorm1d(3)
+    graphdef, state = nnx.split(jnnx.BatchNorm1d(3))
+    restored = jax.tree.map(lambda a: np.array(a), nnx.to_pure_dict(state))
+    for leaf in jax.tree.leaves(restored):
+        leaf.setflags(write=False)
+    nnx.replace_by_pure_dict(state, restored)
+    bn = nnx.merge(graphdef, state)
+    for x in _batches((4, 3), 2):
+        bn(x)
+        tbn(torch.from_numpy(x))
+    _assert_state_equal(bn, tbn)
+    np.testing.assert_array_equal(restored["running_mean"], np.zeros(3))
+    assert restored["num_batches_tracked"] == 0
+
+
 def test_per_call_train_overrides_the_mode():
     x = jnp.asarray(_batches((4, 3), 1)[0])
     bn = jnnx.BatchNorm1d(3)
