@@ -15,6 +15,8 @@ The functional core is :func:`batch_norm` with :func:`init`. Around it:
   statistics from data).
 """
 
+from typing import TYPE_CHECKING
+
 from jbn._batch_norm import batch_norm as batch_norm
 from jbn._batch_norm import init as init
 from jbn._convert import convert_sync_batchnorm as convert_sync_batchnorm
@@ -28,6 +30,9 @@ from jbn._linen import SyncBatchNorm as SyncBatchNorm
 from jbn._recalibrate import recalibrate_batch_stats as recalibrate_batch_stats
 from jbn._torch import from_torch_state_dict as from_torch_state_dict
 from jbn._torch import to_torch_state_dict as to_torch_state_dict
+
+if TYPE_CHECKING:  # imported on first use at run time, by __getattr__ below
+    from jbn import nnx as nnx
 
 __version__ = "0.1.0"
 

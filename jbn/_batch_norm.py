@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -11,15 +11,13 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.export import is_symbolic_dim
 from jax.sharding import PartitionSpec
-from jax.typing import ArrayLike, DTypeLike
+from jax.typing import DTypeLike
 
 from jbn import _checks, _cpu_kernel, _layout
 from jbn._layout import RowView
 from jbn._normalize import normalize
 from jbn._stats import STATS_NAME, batch_moments
-
-Params = Mapping[str, jax.Array]
-State = Mapping[str, jax.Array]
+from jbn._typing import Array, Params, State
 
 
 def at_least_float32(*dtypes: DTypeLike) -> jnp.dtype:
@@ -74,7 +72,7 @@ def init(
 def batch_norm(
     params: Params | None,
     state: State | None,
-    x: ArrayLike,
+    x: Array,
     train: bool,
     *,
     axis: int = 1,
@@ -82,7 +80,7 @@ def batch_norm(
     momentum: float | None = 0.1,
     axis_name: Any = None,
     axis_index_groups: Any = None,
-    mask: ArrayLike | None = None,
+    mask: Array | None = None,
     dtype: DTypeLike | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Batch normalization with PyTorch's semantics, as a pure function.
@@ -154,9 +152,12 @@ def batch_norm(
     x = _checks.as_array(x)
     axis = _checks.check_input(x, axis)
     _checks.check_variables(params, state, x.shape[axis], x.shape)
+    # torch tensors (a layer's own parameters and buffers) read as x is.
+    params = {k: _checks.to_jax(v) for k, v in params.items()}
+    state = {k: _checks.to_jax(v) for k, v in state.items()}
     if mask is not None:
         target = _checks.check_mask(mask, x.shape, axis)
-        mask = jnp.broadcast_to(jnp.asarray(mask), target)
+        mask = jnp.broadcast_to(_checks.to_jax(mask), target)
     out_dtype = x.dtype if dtype is None else _checks.check_dtype(dtype, "dtype")
     if axis_index_groups is not None and axis_name is None:
         raise ValueError("axis_index_groups divides the devices along axis_name; "

@@ -176,7 +176,7 @@ def check_mask(mask: Any, shape: tuple, channel_axis: int) -> tuple:
     target = tuple(s for i, s in enumerate(shape) if i != channel_axis)
     mshape = tuple(getattr(mask, "shape", ()))
     dtype = getattr(mask, "dtype", None)
-    if dtype is None or dtype != jnp.bool_:
+    if dtype is None or (str(dtype) != "torch.bool" and dtype != jnp.bool_):
         raise TypeError(f"mask must be a boolean array, got {dtype or type(mask).__name__}")
     # Each axis equal to the input's or 1; compared one by one, as symbolic lengths (a
     # program exported for any batch size) compare with each other but not in numpy.

@@ -7,14 +7,14 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
-
 from jbn._batch_norm import at_least_float32
+from jbn._checks import to_jax
+from jbn._typing import Array
 
 
 def fold_conv_bn(
-    kernel: ArrayLike,
-    conv_bias: ArrayLike | None,
+    kernel: Array,
+    conv_bias: Array | None,
     bn_variables: Mapping[str, Any],
     *,
     eps: float = 1e-5,
@@ -62,21 +62,22 @@ def fold_conv_bn(
             "norm with track_running_stats=False uses batch statistics and cannot be folded"
         )
     params = bn_variables.get("params") or {}
-    kernel = jnp.asarray(kernel)
-    dtype = at_least_float32(kernel.dtype, jnp.asarray(stats["running_var"]).dtype)
+    # torch tensors (a Conv2d's weight, which requires grad) read as jbn reads inputs.
+    kernel = to_jax(kernel)
+    dtype = at_least_float32(kernel.dtype, to_jax(stats["running_var"]).dtype)
     out_axis = kernel.ndim - 1 if layout == "HWIO" else 0
     out = kernel.shape[out_axis]
-    mean = jnp.asarray(stats["running_mean"], dtype)
-    var = jnp.asarray(stats["running_var"], dtype)
+    mean = to_jax(stats["running_mean"]).astype(dtype)
+    var = to_jax(stats["running_var"]).astype(dtype)
     # FrozenBatchNorm2d keeps its affine in batch_stats, with the statistics.
-    weight = jnp.asarray(params.get("weight", stats.get("weight", jnp.ones_like(var))), dtype)
-    bias = jnp.asarray(params.get("bias", stats.get("bias", jnp.zeros_like(var))), dtype)
+    weight = to_jax(params.get("weight", stats.get("weight", jnp.ones_like(var)))).astype(dtype)
+    bias = to_jax(params.get("bias", stats.get("bias", jnp.zeros_like(var)))).astype(dtype)
     if mean.shape != (out,):
         raise ValueError(
             f"the kernel has {out} output features (axis {out_axis} of shape {kernel.shape}, "
             f"layout {layout}) but the batch norm has {mean.shape} channels"
         )
-    conv_bias = jnp.zeros((out,), dtype) if conv_bias is None else jnp.asarray(conv_bias, dtype)
+    conv_bias = jnp.zeros((out,), dtype) if conv_bias is None else to_jax(conv_bias).astype(dtype)
     scale = weight * jax.lax.rsqrt(var + eps)
     cshape = tuple(-1 if i == out_axis else 1 for i in range(kernel.ndim))
     folded_kernel = kernel.astype(dtype) * scale.reshape(cshape)

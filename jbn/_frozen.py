@@ -51,7 +51,7 @@ class FrozenBatchNorm2d(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: Array, train: bool = False) -> jax.Array:
         """Normalizes ``x`` with the fixed statistics; ``train`` is accepted and ignored.
 
         Args:

@@ -137,7 +137,7 @@ def _copy(tree: Any) -> Any:
 def load_torch_state_dict(
     variables: Mapping[str, Any],
     state_dict: Mapping[str, Any],
-    name_map: Mapping[str, str | Sequence[str]] | None = None,
+    name_map: Mapping[str, str | Sequence[str | int]] | None = None,
 ) -> dict[str, Any]:
     """Loads a PyTorch model's ``state_dict`` into an equivalent Flax model's variables.
 

@@ -14,6 +14,7 @@ from jax.typing import DTypeLike
 from jbn import _checks
 from jbn._batch_norm import at_least_float32, batch_norm
 from jbn._recalibrate import MOMENTUM_OVERRIDE
+from jbn._typing import Array
 
 
 # The fields of every batch-norm module, appended to each public class's docstring
@@ -39,6 +40,13 @@ _ATTRIBUTES = """
         ``nn.Sequential``, which passes call arguments to its first layer only):
         give it here or at each call, not both (Flax's ``use_running_average``
         convention); a ValueError naming the layer otherwise.
+
+    Variables:
+      params: ``weight`` (ones) and ``bias`` (zeros), ``(C,)`` in ``param_dtype``
+        (only if ``affine``).
+      batch_stats: ``running_mean`` (zeros) and ``running_var`` (ones), ``(C,)``
+        float32 (``param_dtype`` where wider), and ``num_batches_tracked``, ``()``
+        int32 (only if ``track_running_stats``).
     """
 
 
@@ -98,12 +106,14 @@ class _BatchNorm(nn.Module):
         return _checks.check_train(self.train if train is None else train)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool | None = None, *,
-                 mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: Array, train: bool | None = None, *,
+                 mask: Array | None = None) -> jax.Array:
         """Normalizes ``x``; in training also updates ``batch_stats`` (make it mutable).
 
         Args:
-          x: input with ``num_features`` channels on ``axis``.
+          x: floating input with ``num_features`` channels on ``axis`` (a jax or
+            numpy array or a torch tensor); bfloat16 and float16 are computed in
+            float32.
           train: True for batch statistics (and updated running statistics), False
             for the running statistics; required here unless the module's ``train``
             field is set (a ValueError where both or neither are).
@@ -111,7 +121,7 @@ class _BatchNorm(nn.Module):
             only True positions enter the statistics.
 
         Returns:
-          ``y``, of ``x``'s shape.
+          ``y``, of ``x``'s shape, in ``dtype`` (by default ``x``'s dtype).
         """
         train = self._mode(train)
         initializing = self.is_initializing()

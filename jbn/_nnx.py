@@ -12,11 +12,12 @@ from jax.typing import DTypeLike
 from jbn import _checks
 from jbn._batch_norm import at_least_float32, batch_norm
 from jbn._recalibrate import MOMENTUM_OVERRIDE
+from jbn._typing import Array
 
 
-class _BatchNorm(nnx.Module):
-    """Shared fields and call of the NNX batch-norm modules.
-
+# The mode and variables of every batch-norm module, appended to each public class's
+# docstring (below) so that ``help()`` shows them there.
+_SHARED = """
     Like a PyTorch module, a new module is in training mode. ``model.train()`` and
     ``model.eval()`` (NNX's, which set ``use_running_average`` on every submodule)
     switch the mode, as do ``nnx.view(model, use_running_average=...)`` and the
@@ -34,9 +35,14 @@ class _BatchNorm(nnx.Module):
         ``training``).
     """
 
+
+class _BatchNorm(nnx.Module):
+    """Shared fields and call of the NNX batch-norm modules."""
+
     # Accepted input ranks: batched, and the unbatched rank treated as a batch of one.
     _batched_ranks: ClassVar[tuple[int, ...] | None] = None
     _unbatched_rank: ClassVar[int | None] = None
+    _requires_axis_name: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -76,6 +82,11 @@ class _BatchNorm(nnx.Module):
             the initial values are deterministic.
         """
         del rngs
+        if self._requires_axis_name and axis_name is None:
+            raise ValueError(
+                f"{type(self).__name__} needs axis_name, the mapped axis to synchronize over "
+                "(e.g. axis_name='batch' with jax.vmap(..., axis_name='batch'))"
+            )
         self.num_features = _checks.check_num_features(num_features)
         self.eps = _checks.check_eps(eps)
         self.momentum = _checks.check_momentum(momentum)
@@ -117,12 +128,14 @@ class _BatchNorm(nnx.Module):
             self.use_running_average = use_running_average
 
     def __call__(
-        self, x: jax.Array, *, train: bool | None = None, mask: jax.Array | None = None
+        self, x: Array, *, train: bool | None = None, mask: Array | None = None
     ) -> jax.Array:
         """Normalizes ``x``; in training also updates the running statistics in place.
 
         Args:
-          x: input with ``num_features`` channels on ``axis``.
+          x: floating input with ``num_features`` channels on ``axis`` (a jax or
+            numpy array or a torch tensor); bfloat16 and float16 are computed in
+            float32.
           train: overrides the module's mode for this call: True for batch statistics
             (and updated running statistics), False for the running statistics; None
             uses ``self.training``.
@@ -130,7 +143,7 @@ class _BatchNorm(nnx.Module):
             only True positions enter the statistics.
 
         Returns:
-          ``y``, of ``x``'s shape.
+          ``y``, of ``x``'s shape, in ``dtype`` (by default ``x``'s dtype).
         """
         train = _checks.check_train(self.training if train is None else train)
         x, mask, unbatched = _checks.module_batch(
@@ -201,11 +214,9 @@ class SyncBatchNorm(_BatchNorm):
     replicated (``in_specs`` ``P()`` for the module) with the replication check on.
     """
 
-    def __init__(self, num_features: int, *args: Any, **kwargs: Any) -> None:
-        """Same arguments as the other modules; ``axis_name`` must be given."""
-        super().__init__(num_features, *args, **kwargs)
-        if self.axis_name is None:
-            raise ValueError(
-                "SyncBatchNorm needs axis_name, the mapped axis to synchronize over "
-                "(e.g. axis_name='batch' with jax.vmap(..., axis_name='batch'))"
-            )
+    _requires_axis_name: ClassVar[bool] = True
+
+
+for _cls in (_BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm):
+    _cls.__doc__ = _cls.__doc__.rstrip() + "\n" + _SHARED
+del _cls

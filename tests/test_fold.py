@@ -27,6 +27,19 @@ def _relative_error(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
 
 
+def test_folds_a_torch_convolutions_own_parameters():
+    # conv.weight requires grad, which torch's conversion to numpy refuses.
+    conv, bn = _torch_conv_bn()
+    fused = fuse_conv_bn_eval(conv, bn)
+    assert conv.weight.requires_grad
+    kernel, folded_bias = jbn.fold_conv_bn(conv.weight, conv.bias, {
+        "params": {"weight": bn.weight, "bias": bn.bias},
+        "batch_stats": {"running_mean": bn.running_mean, "running_var": bn.running_var}},
+        eps=bn.eps, layout="OIHW")
+    np.testing.assert_allclose(kernel, fused.weight.detach().numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(folded_bias, fused.bias.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 def test_oihw_fold_matches_torch_fuse_conv_bn_eval(bias, affine):

@@ -197,6 +197,19 @@ def test_invalid_arguments_raise_at_construction():
         jnnx.SyncBatchNorm(3)
 
 
+def test_every_module_shows_the_full_constructor_signature():
+    # What help() and type checkers read: SyncBatchNorm's too, so that a misspelled
+    # argument is caught there as it is for the other modules.
+    import inspect
+
+    expected = inspect.signature(jnnx.BatchNorm2d.__init__)
+    assert "axis_name" in expected.parameters and "use_running_average" in expected.parameters
+    for cls in (jnnx.BatchNorm1d, jnnx.BatchNorm3d, jnnx.SyncBatchNorm):
+        assert inspect.signature(cls.__init__) == expected
+    for cls in (jnnx.BatchNorm1d, jnnx.BatchNorm2d, jnnx.BatchNorm3d, jnnx.SyncBatchNorm):
+        assert "num_batches_tracked: ``nnx.BatchStat`` ``()`` int32" in cls.__doc__
+
+
 def test_sync_batch_norm_under_vmap_equals_torch_on_the_global_batch():
     devices, shape = 4, (3, 3, 5)  # per device (N, C, L)
     xs = _batches((devices, *shape), 1)[0]

@@ -170,3 +170,25 @@ def test_batch_norm_takes_a_torch_tensor_as_the_modules_do():
     np.testing.assert_array_equal(np.asarray(y16, np.float32), np.asarray(y16_module, np.float32))
     with pytest.raises(TypeError, match="expected an array input, got list"):
         jbn.batch_norm(variables["params"], variables["batch_stats"], x.tolist(), True)
+
+
+def test_batch_norm_takes_a_torch_layers_own_parameters_buffers_and_mask():
+    # The layer's weight and bias require grad, which torch's conversion to numpy
+    # refuses; its count is int64. Training reads them as the layer does and returns
+    # its new buffers.
+    layer = _trained_torch_layer()
+    x = torch.randn(3, 4, 5, 5) * 2.0 + 1.0
+    buffers = {k: v.clone() for k, v in layer.state_dict().items() if k.startswith(("run", "num"))}
+    params = {"weight": layer.weight, "bias": layer.bias}
+    assert layer.weight.requires_grad
+    mask = torch.ones(3, 5, 5, dtype=torch.bool)
+    y, state = jbn.batch_norm(params, buffers, x, True, mask=mask)
+    layer.train()
+    with torch.no_grad():
+        expected = layer(x)
+    np.testing.assert_allclose(np.asarray(y), expected.numpy(), rtol=1e-5, atol=1e-5)
+    for k in ("running_mean", "running_var"):
+        np.testing.assert_allclose(np.asarray(state[k]), getattr(layer, k).numpy(), rtol=1e-6)
+    assert int(state["num_batches_tracked"]) == int(layer.num_batches_tracked)
+    with pytest.raises(TypeError, match="mask must be a boolean array, got torch.float32"):
+        jbn.batch_norm(params, buffers, x, True, mask=mask.float())
