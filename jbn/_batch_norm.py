@@ -140,8 +140,9 @@ def batch_norm(
         ``axis_index_groups`` without ``axis_name`` or not splitting the axis into
         groups of one size.
       TypeError: a non-array or non-floating input, a non-bool ``train``, ``params``
-        or ``state`` that is not a mapping, a non-boolean ``mask``, a non-floating
-        ``dtype``, or ``axis``, ``eps`` or ``momentum`` of the wrong type.
+        or ``state`` that is not a mapping, a non-integer ``num_batches_tracked`` in
+        training, a non-boolean ``mask``, a non-floating ``dtype``, or ``axis``,
+        ``eps`` or ``momentum`` of the wrong type.
       NameError: ``axis_name`` not bound by an enclosing map.
     """
     params = {} if params is None else params
@@ -155,6 +156,8 @@ def batch_norm(
     # torch tensors (a layer's own parameters and buffers) read as x is.
     params = {k: _checks.to_jax(v) for k, v in params.items()}
     state = {k: _checks.to_jax(v) for k, v in state.items()}
+    if train and state:
+        _checks.check_count(state["num_batches_tracked"])
     if mask is not None:
         target = _checks.check_mask(mask, x.shape, axis)
         mask = jnp.broadcast_to(_checks.to_jax(mask), target)

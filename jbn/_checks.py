@@ -66,7 +66,9 @@ def check_train(train: Any) -> bool:
         return bool(train)
     raise TypeError(
         "train must be a Python bool (it selects the computation at trace time), got "
-        f"{type(train).__name__}; under jax.jit mark it static, e.g. static_argnames='train'"
+        f"{type(train).__name__}; mark it static in the transform that traced it: "
+        "static_argnames='train' for jax.jit, static_argnums for jax.checkpoint, nn.remat "
+        "or nn.jit"
     )
 
 
@@ -156,6 +158,17 @@ def check_variables(params: Any, state: Any, num_channels: int, shape: tuple) ->
         raise ValueError(
             "state['num_batches_tracked'] must be a scalar, got shape "
             f"{tuple(state['num_batches_tracked'].shape)}"
+        )
+
+
+def check_count(count: jax.Array) -> None:
+    """Raises unless ``num_batches_tracked`` (as a jax array) counts in integers: a
+    bfloat16 count stops at 256, and ``momentum=None`` divides by it."""
+    if not jnp.issubdtype(count.dtype, jnp.integer):
+        raise TypeError(
+            f"state['num_batches_tracked'] must be an integer array (int32, as init makes "
+            f"it), got {count.dtype}: casting or averaging all of a model's variables "
+            "casts the count too; cast it back, e.g. with .astype(jnp.int32)"
         )
 
 

@@ -25,7 +25,10 @@ def _reset(tree: Any) -> tuple[Any, int]:
         reset = dict(tree)
         reset["running_mean"] = jnp.zeros_like(tree["running_mean"])
         reset["running_var"] = jnp.ones_like(tree["running_var"])
-        reset["num_batches_tracked"] = jnp.zeros_like(tree["num_batches_tracked"])
+        # An integer count, also where averaging the variables (SWA) made it a float.
+        count = tree["num_batches_tracked"]
+        integer = jnp.issubdtype(jnp.result_type(count), jnp.integer)
+        reset["num_batches_tracked"] = jnp.zeros_like(count, None if integer else jnp.int32)
         return reset, 1
     out, layers = {}, 0
     for key, sub in tree.items():
@@ -56,7 +59,8 @@ def recalibrate_batch_stats(
 
     Mirrors ``torch.optim.swa_utils.update_bn`` (and PreciseBN): every batch-norm state
     in ``variables["batch_stats"]`` (a dict holding ``running_mean``, ``running_var``
-    and ``num_batches_tracked``) is reset to zeros, ones and 0, then each batch is run
+    and ``num_batches_tracked``) is reset to zeros, ones and 0 (an integer, also where
+    averaging the variables made the count a float), then each batch is run
     in training mode with every jbn module (linen or nnx) using ``momentum=None``,
     the cumulative average. After K batches each layer holds
 

@@ -161,6 +161,23 @@ def test_traced_train_flag_raises_type_error_with_a_hint():
         jax.jit(lambda x, t: jbn.BatchNorm1d(3).apply(variables, x, t, mutable=True))(x, True)
     with pytest.raises(TypeError, match="static"):
         jax.jit(lambda x, t: jnnx.BatchNorm1d(3)(x, train=t))(x, True)
+    # Rematerialization traces its arguments too; its own way to mark them static.
+    with pytest.raises(TypeError, match="static_argnums for jax.checkpoint, nn.remat"):
+        jax.checkpoint(lambda x, t: jbn.batch_norm(*jbn.init(3), x, t))(x, True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_training_with_a_non_integer_count_raises_and_evaluation_ignores_it(dtype):
+    # A bfloat16 count stops at 256 (256 + 1 rounds back to 256), and momentum=None
+    # divides by it: refused in training, where the count is used.
+    params, state = jbn.init(3)
+    state = dict(state, num_batches_tracked=jnp.asarray(256, dtype))
+    x = jnp.arange(12.0).reshape(4, 3)
+    with pytest.raises(TypeError, match=f"must be an integer array.*got {jnp.dtype(dtype)}"):
+        jbn.batch_norm(params, state, x, True, momentum=None)
+    y, same = jbn.batch_norm(params, state, x, False)
+    np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-5), rtol=1e-6)
+    assert same["num_batches_tracked"].dtype == dtype
 
 
 def test_axis_out_of_range_raises():

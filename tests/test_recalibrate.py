@@ -95,6 +95,25 @@ def test_matches_torch_update_bn_and_keeps_params():
     jax.tree.map(np.testing.assert_array_equal, out["params"], variables["params"])
 
 
+def test_averaged_variables_with_a_float_count_recalibrate_with_an_integer_count():
+    # Averaging all of a model's variables (SWA, an EMA) makes the count a float, which
+    # training refuses; recalibration resets it to an integer, as update_bn does.
+    tnet = _torch_net()
+    batches = _batches()
+    variables = _flax_variables(tnet)
+    averaged = jax.tree.map(lambda a, b: (a + b) / 2, variables, variables)
+    assert averaged["batch_stats"]["bn0"]["num_batches_tracked"].dtype == jnp.float32
+    with pytest.raises(TypeError, match="num_batches_tracked'] must be an integer array"):
+        _apply(averaged, batches[0])
+    out = jbn.recalibrate_batch_stats(_apply, averaged, batches)
+    update_bn([torch.from_numpy(x) for x in batches], tnet)
+    for name, layer in (("bn0", tnet[0]), ("bn1", tnet[2]), ("bn2", tnet[5])):
+        stats = out["batch_stats"][name]
+        assert stats["num_batches_tracked"].dtype == jnp.int32
+        assert int(stats["num_batches_tracked"]) == int(layer.num_batches_tracked)
+        np.testing.assert_allclose(stats["running_var"], layer.running_var.numpy(), 1e-5, 1e-5)
+
+
 def test_modules_keep_their_momentum_after_recalibration():
     batches = _batches(k=2)
     out = jbn.recalibrate_batch_stats(_apply, _flax_variables(_torch_net()), batches, jit=False)
