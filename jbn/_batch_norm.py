@@ -172,10 +172,12 @@ def batch_norm(
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
     if train or not state:
         _check_count(x.shape, axis, mask, axis_name, groups)
-    return _compiled(params, state, x, mask, train=train, axis=axis, eps=eps,
-                     momentum=momentum, axis_name=axis_name, axis_index_groups=groups,
-                     out_dtype=out_dtype,
-                     choices=(_cpu_kernel.available(), _layout.default_on_cpu()))
+    y, new_state = _compiled(params, state, x, mask, train=train, axis=axis, eps=eps,
+                             momentum=momentum, axis_name=axis_name, axis_index_groups=groups,
+                             out_dtype=out_dtype,
+                             choices=(_cpu_kernel.available(), _layout.default_on_cpu()))
+    # In the state's own key order (PyTorch's, from init), which jit's output sorts.
+    return y, {k: new_state[k] for k in state}
 
 
 @functools.partial(jax.jit, static_argnames=(

@@ -35,6 +35,16 @@ def test_evaluation_leaves_state_unchanged():
         np.testing.assert_array_equal(after[key], state[key])
 
 
+def test_new_state_keeps_the_state_key_order():
+    # PyTorch's state_dict order, as init gives it; a compiled program's output dict
+    # would come back sorted.
+    params, state = jbn.init(3)
+    x = jnp.arange(12.0).reshape(4, 3)
+    for s in (state, dict(reversed(state.items()))):
+        for train in (True, False):
+            assert list(jbn.batch_norm(params, s, x, train)[1]) == list(s)
+
+
 def test_module_init_does_not_move_statistics_even_when_training():
     x = _x()
     for train in (False, True):
