@@ -51,15 +51,16 @@ returns updated running statistics, which use the *unbiased* variance with
 `running = 0.9 * running + 0.1 * batch`. In evaluation it uses the running statistics.""",
     """
 params, state = jbn.init(4)
-x = jnp.array([[1.0, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 6]])
+x = jnp.array([[1.0, 2, 3, 4], [3, 4, 5, 6], [5, 6, 7, 8]])
 y_train, new_state = jbn.batch_norm(params, state, x, train=True)
 print("train output:\\n", np.asarray(y_train))
 print({k: np.asarray(v) for k, v in new_state.items()})
 y_eval, _ = jbn.batch_norm(params, new_state, x, train=False)
 print("eval output (running statistics):\\n", np.asarray(y_eval))""",
     """md:
-The running mean moved 10% of the way to the batch mean `[2, 3, 4, 5]`; the running variance
-moved 10% of the way from 1 to the unbiased variance 1 (the biased one is 2/3).""",
+The running mean moved 10% of the way from 0 to the batch mean `[3, 4, 5, 6]`; the running
+variance moved 10% of the way from 1 to the *unbiased* batch variance 4, to 1.3 (with the biased
+8/3, which normalizes the output, it would be 1.1667).""",
     """md:
 ## Classic example 1: `BatchNorm1d(4)` on a 3x4 batch""",
     """
