@@ -97,6 +97,9 @@ def as_array(x: Any) -> jax.Array:
     for values without them (a list, a number)."""
     if getattr(x, "dtype", None) is None or getattr(x, "shape", None) is None:
         raise TypeError(f"expected an array input, got {type(x).__name__}")
+    if not (hasattr(x, "__array__") or hasattr(x, "__dlpack__")):  # jax.ShapeDtypeStruct
+        raise TypeError(f"expected an array input with values, got {type(x).__name__} "
+                        f"(a shape {tuple(x.shape)} and dtype {x.dtype} alone)")
     return to_jax(x)
 
 
@@ -161,14 +164,21 @@ def check_variables(params: Any, state: Any, num_channels: int, shape: tuple) ->
         )
 
 
+def is_count_dtype(dtype: Any) -> bool:
+    """Whether ``num_batches_tracked`` of ``dtype`` counts safely: an integer of 32 or
+    64 bits, as PyTorch's int64 and jbn's int32."""
+    return jnp.issubdtype(dtype, jnp.integer) and jnp.iinfo(dtype).bits >= 32
+
+
 def check_count(count: jax.Array) -> None:
-    """Raises unless ``num_batches_tracked`` (as a jax array) counts in integers: a
-    bfloat16 count stops at 256, and ``momentum=None`` divides by it."""
-    if not jnp.issubdtype(count.dtype, jnp.integer):
+    """Raises unless ``num_batches_tracked`` (as a jax array) counts in integers of 32
+    bits or more: a bfloat16 count stops at 256, an int8 one wraps at 127, and
+    ``momentum=None`` divides by it."""
+    if not is_count_dtype(count.dtype):
         raise TypeError(
-            f"state['num_batches_tracked'] must be an integer array (int32, as init makes "
-            f"it), got {count.dtype}: casting or averaging all of a model's variables "
-            "casts the count too; cast it back, e.g. with .astype(jnp.int32)"
+            f"state['num_batches_tracked'] must be an integer array of 32 or 64 bits (int32, "
+            f"as init makes it), got {count.dtype}: casting or averaging all of a model's "
+            "variables casts the count too; cast it back, e.g. with .astype(jnp.int32)"
         )
 
 

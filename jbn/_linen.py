@@ -228,5 +228,5 @@ class SyncBatchNorm(_BatchNorm):
 
 
 for _cls in (_BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm):
-    _cls.__doc__ = _cls.__doc__.rstrip() + "\n" + _ATTRIBUTES
+    _cls.__doc__ = (_cls.__doc__ or "").rstrip() + "\n" + _ATTRIBUTES
 del _cls

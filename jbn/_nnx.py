@@ -218,5 +218,5 @@ class SyncBatchNorm(_BatchNorm):
 
 
 for _cls in (_BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm):
-    _cls.__doc__ = _cls.__doc__.rstrip() + "\n" + _SHARED
+    _cls.__doc__ = (_cls.__doc__ or "").rstrip() + "\n" + _SHARED
 del _cls

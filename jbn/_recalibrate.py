@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jbn._checks import STATE_KEYS
+from jbn._checks import STATE_KEYS, is_count_dtype
 
 # While set (by ``recalibrate_batch_stats``), the momentum every jbn module (linen and
 # nnx) uses in place of its own, None: the cumulative average. Read when a module is traced.
@@ -27,8 +27,8 @@ def _reset(tree: Any) -> tuple[Any, int]:
         reset["running_var"] = jnp.ones_like(tree["running_var"])
         # An integer count, also where averaging the variables (SWA) made it a float.
         count = tree["num_batches_tracked"]
-        integer = jnp.issubdtype(jnp.result_type(count), jnp.integer)
-        reset["num_batches_tracked"] = jnp.zeros_like(count, None if integer else jnp.int32)
+        safe = is_count_dtype(jnp.result_type(count))
+        reset["num_batches_tracked"] = jnp.zeros_like(count, None if safe else jnp.int32)
         return reset, 1
     out, layers = {}, 0
     for key, sub in tree.items():

@@ -19,6 +19,10 @@ class Array(Protocol):
     @property
     def dtype(self) -> Any: ...
 
+    # Holds values: a jax.ShapeDtypeStruct (a shape and dtype alone) or a numpy
+    # scalar (no channel axis) is not an input.
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any: ...
+
 
 # One layer's ``params`` (``weight``, ``bias``) and ``state`` (``running_mean``,
 # ``running_var``, ``num_batches_tracked``): jax or numpy arrays, as ``init``, a

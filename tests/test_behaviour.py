@@ -35,6 +35,14 @@ def test_evaluation_leaves_state_unchanged():
         np.testing.assert_array_equal(after[key], state[key])
 
 
+def test_imports_with_docstrings_stripped():
+    # python -OO drops docstrings; the classes whose docstrings jbn extends still import.
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-OO", "-c", "import jbn, jbn.nnx"], check=True)
+
+
 def test_new_state_keeps_the_state_key_order():
     # PyTorch's state_dict order, as init gives it; a compiled program's output dict
     # would come back sorted.

@@ -166,18 +166,27 @@ def test_traced_train_flag_raises_type_error_with_a_hint():
         jax.checkpoint(lambda x, t: jbn.batch_norm(*jbn.init(3), x, t))(x, True)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_training_with_a_non_integer_count_raises_and_evaluation_ignores_it(dtype):
-    # A bfloat16 count stops at 256 (256 + 1 rounds back to 256), and momentum=None
-    # divides by it: refused in training, where the count is used.
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.int16, jnp.uint8])
+def test_training_with_a_float_or_narrow_count_raises_and_evaluation_ignores_it(dtype):
+    # A bfloat16 count stops at 256 (256 + 1 rounds back to 256), a uint8 one wraps to
+    # 0, and momentum=None divides by it: refused in training, where the count is used.
     params, state = jbn.init(3)
-    state = dict(state, num_batches_tracked=jnp.asarray(256, dtype))
+    state = dict(state, num_batches_tracked=jnp.asarray(100, dtype))
     x = jnp.arange(12.0).reshape(4, 3)
-    with pytest.raises(TypeError, match=f"must be an integer array.*got {jnp.dtype(dtype)}"):
+    with pytest.raises(TypeError, match=f"must be an integer array of 32 or 64 bits.*"
+                                        f"got {jnp.dtype(dtype)}"):
         jbn.batch_norm(params, state, x, True, momentum=None)
     y, same = jbn.batch_norm(params, state, x, False)
     np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-5), rtol=1e-6)
     assert same["num_batches_tracked"].dtype == dtype
+
+
+def test_a_shape_and_dtype_without_values_raises_type_error_naming_it():
+    spec = jax.ShapeDtypeStruct((4, 3), jnp.float32)
+    with pytest.raises(TypeError, match=r"with values, got ShapeDtypeStruct \(a shape \(4, 3\)"):
+        jbn.batch_norm(*jbn.init(3), spec, True)
+    y, _ = jax.eval_shape(lambda x: jbn.batch_norm(*jbn.init(3), x, True), spec)
+    assert (y.shape, y.dtype) == (spec.shape, spec.dtype)
 
 
 def test_axis_out_of_range_raises():

@@ -79,6 +79,7 @@ def test_type_checker_accepts_the_inputs_jbn_takes(mypy_errors):
 
 def test_type_checker_flags_what_jbn_rejects(mypy_errors):
     errors = mypy_errors("""
+        import jax
         import jax.numpy as jnp
 
         import jbn
@@ -89,6 +90,7 @@ def test_type_checker_flags_what_jbn_rejects(mypy_errors):
         bn = jbn.nnx.BatchNorm2d(3)
         bn(jnp.ones((2, 3, 4, 4)), trian=True)
         jbn.nnx.SyncBatchNorm(3, axis_nmae="batch")
+        jbn.batch_norm(params, state, jax.ShapeDtypeStruct((2, 3), jnp.float32), True)
         """)
-    assert [e.split(":")[0] for e in errors] == ["6", "7", "9", "10"], errors
+    assert [e.split(":")[0] for e in errors] == ["7", "8", "10", "11", "12"], errors
     assert '"trian"' in errors[2] and '"axis_nmae"' in errors[3]
