@@ -33,6 +33,9 @@ _SHARED = """
       num_batches_tracked: ``nnx.BatchStat`` ``()`` int32, 0 (idem).
       use_running_average: True in evaluation mode (NNX's convention, the inverse of
         ``training``).
+
+    ``reset_running_stats()`` and ``reset_parameters()`` restore the initial values,
+    as torch's methods of those names do.
     """
 
 
@@ -115,6 +118,28 @@ class _BatchNorm(nnx.Module):
     @training.setter
     def training(self, value: bool) -> None:
         self.use_running_average = not value
+
+    def reset_running_stats(self) -> None:
+        """Running mean to zeros, variance to ones and count to 0, as torch's method does.
+
+        Keeps each variable's shape and dtype; without ``track_running_stats`` there
+        is nothing to reset.
+        """
+        if self.track_running_stats:
+            for name, fill in (("running_mean", 0), ("running_var", 1),
+                               ("num_batches_tracked", 0)):
+                variable = getattr(self, name)
+                variable.set_value(jnp.full(variable.shape, fill, variable.dtype))
+
+    def reset_parameters(self) -> None:
+        """The running statistics as :meth:`reset_running_stats`, ``weight`` to ones, ``bias`` to zeros.
+
+        The initial values, as torch's method sets them.
+        """
+        self.reset_running_stats()
+        if self.affine:
+            self.weight.set_value(jnp.ones_like(self.weight[...]))
+            self.bias.set_value(jnp.zeros_like(self.bias[...]))
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Sets the mode for ``nnx.view(model, use_running_average=...)``.

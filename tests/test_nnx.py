@@ -145,6 +145,42 @@ def test_state_restored_as_read_only_numpy_arrays_trains_and_stays_the_callers()
     assert restored["num_batches_tracked"] == 0
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "nnx.jit"])
+@pytest.mark.parametrize("method", ["reset_running_stats", "reset_parameters"])
+def test_reset_methods_restart_like_torchs(method, jit):
+    # torch's update_bn resets the statistics and then averages them with
+    # momentum=None: the count must restart too, or the average is wrong.
+    bn, tbn = jnnx.BatchNorm1d(3, momentum=None), torch.nn.BatchNorm1d(3, momentum=None)
+    with torch.no_grad():
+        tbn.weight.copy_(torch.tensor([0.5, 1.5, -2.0]))
+        tbn.bias.copy_(torch.tensor([0.1, -0.3, 0.7]))
+    bn.weight[...] = jnp.asarray(tbn.weight.detach().numpy())
+    bn.bias[...] = jnp.asarray(tbn.bias.detach().numpy())
+    step = nnx.jit(lambda m, x: m(x)) if jit else (lambda m, x: m(x))
+    reset = nnx.jit(lambda m: getattr(m, method)()) if jit else (lambda m: getattr(m, method)())
+    for x in _batches((4, 3), 3):
+        step(bn, x)
+        tbn(torch.from_numpy(x))
+    reset(bn)
+    getattr(tbn, method)()
+    _assert_state_equal(bn, tbn)
+    np.testing.assert_array_equal(bn.weight[...], tbn.weight.detach().numpy())
+    np.testing.assert_array_equal(bn.bias[...], tbn.bias.detach().numpy())
+    assert bn.running_var[...].dtype == jnp.float32
+    assert bn.num_batches_tracked[...].dtype == jnp.int32
+    for x in _batches((4, 3), 2, seed=1):
+        np.testing.assert_allclose(step(bn, x), tbn(torch.from_numpy(x)).detach().numpy(),
+                                   RTOL, ATOL)
+    _assert_state_equal(bn, tbn)
+
+
+def test_reset_methods_without_state_or_parameters_do_nothing():
+    bn = jnnx.BatchNorm2d(3, affine=False, track_running_stats=False)
+    bn.reset_parameters()
+    bn.reset_running_stats()
+    assert nnx.to_pure_dict(nnx.state(bn)) == {}
+
+
 def test_per_call_train_overrides_the_mode():
     x = jnp.asarray(_batches((4, 3), 1)[0])
     bn = jnnx.BatchNorm1d(3)
