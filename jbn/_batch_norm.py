@@ -349,9 +349,14 @@ def _update_state(
     A batch without a value (``count == 0``: an empty batch, or a mask that is False
     everywhere) leaves the running statistics as they were and is still counted in
     ``num_batches_tracked``, as PyTorch does for an empty batch.
+
+    The count stops at its dtype's largest value (int32: 2**31 - 1 batches), where
+    PyTorch's int64 goes on: wrapped around, a negative count would turn the
+    cumulative average's factor negative.
     """
     mean, m2, count = (jax.lax.stop_gradient(v) for v in (mean, m2, count))
-    tracked = state["num_batches_tracked"] + 1
+    tracked = state["num_batches_tracked"]
+    tracked = tracked + (tracked < jnp.iinfo(tracked.dtype).max).astype(tracked.dtype)
     # In the state's precision: a float32 factor would round float64 statistics.
     dtype = at_least_float32(state["running_mean"].dtype)
     if momentum is None:

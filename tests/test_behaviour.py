@@ -107,6 +107,31 @@ def test_momentum_none_is_the_cumulative_average_of_unbiased_batch_statistics():
     assert int(state["num_batches_tracked"]) == 4
 
 
+@pytest.mark.parametrize("momentum", [None, 0.1])
+def test_int32_count_stops_at_its_maximum_instead_of_wrapping(momentum):
+    # torch counts on in int64; jbn's int32 count must not wrap to a negative value,
+    # which would make momentum=None's factor 1 / count negative.
+    top = np.iinfo(np.int32).max
+    params, state = jbn.init(3)
+    state = {**state, "running_mean": jnp.array([1.0, -2.0, 0.5]),
+             "running_var": jnp.array([2.0, 0.5, 1.0]),
+             "num_batches_tracked": jnp.asarray(top - 1, jnp.int32)}
+    layer = torch_layer(2, 3, momentum=momentum)
+    layer.load_state_dict({**{k: torch.tensor(np.asarray(v)) for k, v in state.items()},
+                           "weight": torch.ones(3), "bias": torch.zeros(3)})
+    for seed in range(3):
+        x = _x(seed=seed, offset=5.0 * seed)
+        _, state = jbn.batch_norm(params, state, x, True, momentum=momentum)
+        torch_forward(layer, np.asarray(x), train=True)
+    assert state["num_batches_tracked"].dtype == jnp.int32
+    assert int(state["num_batches_tracked"]) == top
+    assert int(layer.num_batches_tracked) == top + 2
+    # Factors of 1 / (2**31 - 1) against torch's 1 / 2**31: equal to float32 precision.
+    np.testing.assert_allclose(state["running_mean"], layer.running_mean.numpy(), rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(state["running_var"], layer.running_var.numpy(), rtol=1e-6)
+
+
 def test_without_running_statistics_evaluation_uses_the_batch():
     x = _x()
     y_train, _ = jbn.batch_norm({}, {}, x, True)
