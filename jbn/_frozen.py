@@ -118,7 +118,8 @@ class FrozenBatchNorm2d(nn.Module):
         Returns:
           Numpy arrays ``weight``, ``bias``, ``running_mean``, ``running_var``, each
           ``(C,)``; they load into torchvision's ``FrozenBatchNorm2d``, and into a
-          ``torch.nn.BatchNorm2d`` (which then starts its count at 0).
+          ``torch.nn.BatchNorm2d`` (whose ``num_batches_tracked``, not among them,
+          keeps its value).
 
         Raises:
           KeyError: a collection other than ``batch_stats``, or other keys in it.

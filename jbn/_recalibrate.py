@@ -88,7 +88,7 @@ def recalibrate_batch_stats(
       variables: the model's variables, with a ``batch_stats`` collection.
       batches: an iterable of batches, each passed to ``apply_fn`` as is.
       jit: compile ``apply_fn`` once (batches of one shape) instead of running eagerly.
-      progress: show a progress bar (``rich``).
+      progress: show a progress bar (needs ``rich``, in the ``demo`` extra).
 
     Returns:
       ``variables`` with the recomputed ``batch_stats``.
@@ -112,7 +112,12 @@ def recalibrate_batch_stats(
 
     run = _traced_with_cumulative_average(step, jit)
     if progress:
-        from rich.progress import track
+        try:
+            from rich.progress import track
+        except ImportError as e:
+            raise ImportError(
+                "progress=True shows its bar with rich: pip install rich (or jbn[demo])"
+            ) from e
 
         batches = track(batches, description="Recalibrating batch statistics")
     seen = 0

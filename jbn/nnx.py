@@ -1,7 +1,7 @@
 """PyTorch-exact batch normalization as Flax NNX modules.
 
-``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d`` and ``SyncBatchNorm`` take the same
-arguments as the linen modules in :mod:`jbn` and hold ``weight``/``bias`` as
+``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d`` and ``SyncBatchNorm`` take the linen
+modules' fields but ``train`` (see :mod:`jbn`) as constructor arguments and hold ``weight``/``bias`` as
 ``nnx.Param`` and ``running_mean``/``running_var``/``num_batches_tracked`` as
 ``nnx.BatchStat``; ``model.train()``/``model.eval()`` switch the mode.
 """

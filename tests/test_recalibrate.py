@@ -1,5 +1,7 @@
 """recalibrate_batch_stats against the data's statistics and against torch's update_bn."""
 
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -131,6 +133,14 @@ def test_progress_bar_runs_and_result_is_the_same(capsys):
     quiet = jbn.recalibrate_batch_stats(_apply, variables, batches)
     shown = jbn.recalibrate_batch_stats(_apply, variables, batches, progress=True)
     jax.tree.map(np.testing.assert_array_equal, quiet, shown)
+
+
+def test_progress_bar_without_rich_names_the_install(monkeypatch):
+    # rich comes with the demo extra only; a core install gets a clear ImportError.
+    monkeypatch.setitem(sys.modules, "rich.progress", None)
+    with pytest.raises(ImportError, match=r"pip install rich"):
+        jbn.recalibrate_batch_stats(_apply, _flax_variables(_torch_net()), _batches(k=1),
+                                    progress=True)
 
 
 def _assert_update_bn(out, tnet):

@@ -635,12 +635,16 @@ def test_explicit_sharding_evaluation_and_module_equal_one_device(layout):
     with jax.set_mesh(mesh):
         xs = jax.device_put(x, NamedSharding(mesh, P(AXIS)))
         evaluated = jax.jit(lambda x: jbn.batch_norm(params, state, x, False, axis=axis))(xs)
+        # Without running statistics, evaluation uses the whole batch's statistics.
+        untracked = jax.jit(lambda x: jbn.batch_norm(params, {}, x, False, axis=axis))(xs)
         trained = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
             variables, xs)
     single = (jax.jit(lambda x: jbn.batch_norm(params, state, x, False, axis=axis))(x),
+              jax.jit(lambda x: jbn.batch_norm(params, {}, x, False, axis=axis))(x),
               jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
                   variables, x))
-    for got, want in zip(jax.tree.leaves((evaluated, trained)), jax.tree.leaves(single), strict=True):
+    got_all = jax.tree.leaves((evaluated, untracked, trained))
+    for got, want in zip(got_all, jax.tree.leaves(single), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
