@@ -8,7 +8,8 @@ The functional core is :func:`batch_norm` with :func:`init`. Around it:
 - :class:`FrozenBatchNorm2d`, a layer with fixed statistics and no state;
 - :func:`from_torch_state_dict` and :func:`to_torch_state_dict` (one layer's weights
   between PyTorch and Flax), :func:`load_torch_state_dict` (a whole PyTorch model's
-  ``state_dict`` into the variables of its Flax equivalent);
+  ``state_dict`` into the variables of its Flax equivalent) and
+  :func:`export_torch_state_dict` (back);
 - model surgery and upkeep: :func:`convert_sync_batchnorm` (synchronize a model's
   layers across devices), :func:`fold_conv_bn` (fold an evaluation-mode layer into the
   convolution before it), :func:`recalibrate_batch_stats` (recompute the running
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 from jbn._batch_norm import batch_norm as batch_norm
 from jbn._batch_norm import init as init
 from jbn._convert import convert_sync_batchnorm as convert_sync_batchnorm
+from jbn._export import export_torch_state_dict as export_torch_state_dict
 from jbn._fold import fold_conv_bn as fold_conv_bn
 from jbn._frozen import FrozenBatchNorm2d as FrozenBatchNorm2d
 from jbn._import import load_torch_state_dict as load_torch_state_dict
@@ -44,6 +46,7 @@ __all__ = [
     "SyncBatchNorm",
     "batch_norm",
     "convert_sync_batchnorm",
+    "export_torch_state_dict",
     "fold_conv_bn",
     "from_torch_state_dict",
     "init",

@@ -134,6 +134,45 @@ def _copy(tree: Any) -> Any:
     return {k: _copy(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
 
 
+def group_by_layer(state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"<prefix>.<tensor>": value}`` as ``{prefix: {tensor: value}}``, in key order."""
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        groups.setdefault(prefix, {})[leaf] = value
+    return groups
+
+
+def flax_path(prefix: str, name_map: Mapping[str, str | Sequence[str | int]] | None
+              ) -> Path | None:
+    """The Flax module path of the torch layer ``prefix``; None where ``name_map``
+    (given) lacks it. Without a map, the prefix itself with ``.`` read as ``/``."""
+    if name_map is None:
+        return tuple(prefix.split(".")) if prefix else ()
+    return _as_path(name_map[prefix]) if prefix in name_map else None
+
+
+def layer_variables(variables: Mapping[str, Any], path: Path
+                    ) -> tuple[dict[str, Path | None], dict[str, dict[str, Any]]]:
+    """The keys of ``path`` in each collection, and the layer's array leaves there
+    (collections where it has none left out)."""
+    keys = {c: _resolve(variables[c], path) for c in variables}
+    leaves = {c: _leaves(_subtree(variables[c], keys[c])) for c in variables}
+    return keys, {c: t for c, t in leaves.items() if t}
+
+
+def leaves_not_in(variables: Mapping[str, Any], done: set[tuple[str, str]]) -> list[str]:
+    """``collection/path`` of every leaf of ``variables`` (a box counts as one) not in
+    ``done``, a set of ``(collection, path)``."""
+    return [
+        f"{c}/{leaf_text}"
+        for c in variables
+        for kp, _ in jax.tree_util.tree_flatten_with_path(
+            variables[c], is_leaf=lambda v: isinstance(v, meta.AxisMetadata))[0]
+        if (c, leaf_text := _text(tuple(getattr(k, "key", k) for k in kp))) not in done
+    ]
+
+
 def load_torch_state_dict(
     variables: Mapping[str, Any],
     state_dict: Mapping[str, Any],
@@ -184,22 +223,15 @@ def load_torch_state_dict(
         tensor their Flax layer needs; every offending name is listed.
       ValueError: a converted tensor whose shape differs from the Flax variable's.
     """
-    arrays = {k: to_numpy(v) for k, v in state_dict.items()}
-    groups: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in arrays.items():
-        prefix, _, leaf = key.rpartition(".")
-        groups.setdefault(prefix, {})[leaf] = value
+    groups = group_by_layer({k: to_numpy(v) for k, v in state_dict.items()})
     out = _copy(variables)
     filled: set[tuple[str, str]] = set()
     unused: list[str] = []
     incomplete: list[str] = []
     loaded_from: dict[str, str] = {}
     for prefix, tensors in groups.items():
-        if name_map is None:
-            path: Path = tuple(prefix.split(".")) if prefix else ()
-        elif prefix in name_map:
-            path = _as_path(name_map[prefix])
-        else:
+        path = flax_path(prefix, name_map)
+        if path is None:
             unused += [f"{prefix}.{k}" for k in tensors]
             continue
         text = _text(path)
@@ -207,9 +239,7 @@ def load_torch_state_dict(
             raise KeyError(f"torch layers '{loaded_from[text]}' and '{prefix}' both map "
                            f"to flax '{text}': one would overwrite the other")
         loaded_from[text] = prefix
-        keys = {c: _resolve(variables[c], path) for c in variables}
-        template = {c: _leaves(_subtree(variables[c], keys[c])) for c in variables}
-        template = {c: t for c, t in template.items() if t}
+        keys, template = layer_variables(variables, path)
         if not template:
             unused += [f"{prefix}.{k} (no Flax module at {text})" for k in tensors]
             continue
@@ -235,13 +265,7 @@ def load_torch_state_dict(
             leaf = (*keys[collection], name)
             _set(out[collection], leaf, jnp.asarray(value, dtype=target.dtype))
             filled.add((collection, _text(leaf)))
-    missing = [
-        f"{c}/{leaf_text}"
-        for c in variables
-        for kp, _ in jax.tree_util.tree_flatten_with_path(
-            variables[c], is_leaf=lambda v: isinstance(v, meta.AxisMetadata))[0]
-        if (c, leaf_text := _text(tuple(getattr(k, "key", k) for k in kp))) not in filled
-    ]
+    missing = leaves_not_in(variables, filled)
     if unused or missing or incomplete:
         raise KeyError(
             "torch state_dict and Flax variables do not match: unused torch keys: "

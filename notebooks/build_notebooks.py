@@ -315,6 +315,54 @@ print("training: max |torch - flax|:", np.abs(out_torch - np.asarray(out_flax)).
 back = jbn.to_torch_state_dict({"params": variables["params"]["bn2"], "batch_stats": updates["batch_stats"]["bn2"]})
 for key in ("running_mean", "running_var", "num_batches_tracked"):
     print(key, "max |diff|:", np.abs(net.bn2.state_dict()[key].numpy() - back[key]).max())""",
+    """md:
+## The whole model at once, both ways
+
+`jbn.load_torch_state_dict` does all of the above in one call (here the layers have the same
+names in both models; a `name_map` maps them otherwise), and `jbn.export_torch_state_dict`
+goes back: train in JAX, then load the result into the PyTorch model.""",
+    """
+import optax
+
+template = FlaxNet().init(jax.random.key(0), jnp.ones((1, 12, 12, 3)), train=False)
+# The torch network as it is now, after its training-mode call above, against the
+# variables built by hand with the Flax model's own update from that call:
+loaded = jbn.load_torch_state_dict(template, net.state_dict())
+after_step = {**variables, **updates}
+print("max |loaded - by hand|:", max(
+    float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(after_step), strict=True)))
+
+tx = optax.sgd(0.1)
+
+
+@jax.jit
+def train_step(params, stats, opt_state, xb):
+    def loss(p):
+        out, updates = FlaxNet().apply({"params": p, "batch_stats": stats}, xb, train=True,
+                                       mutable=["batch_stats"])
+        return jnp.square(out).mean(), updates["batch_stats"]
+
+    grads, stats = jax.grad(loss, has_aux=True)(params)
+    change, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, change), stats, opt_state
+
+
+params, stats = loaded["params"], loaded["batch_stats"]
+opt_state = tx.init(params)
+for i in range(10):
+    xb = jax.random.normal(jax.random.key(i), (16, 12, 12, 3)) * 3 + 1
+    params, stats, opt_state = train_step(params, stats, opt_state, xb)
+trained = {"params": params, "batch_stats": stats}
+
+net_back = TorchNet()
+net_back.load_state_dict(jbn.export_torch_state_dict(trained, net_back.state_dict()))
+net_back.eval()
+with torch.no_grad():
+    out_torch = net_back(x).numpy()
+out_flax = FlaxNet().apply(trained, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)), train=False)
+print("trained in JAX, run in PyTorch: max |torch - flax|:", np.abs(out_torch - np.asarray(out_flax)).max())
+print("bn2 num_batches_tracked:", int(net_back.bn2.num_batches_tracked))""",
 )
 
 MULTI_DEVICE = cells(

@@ -283,7 +283,9 @@ def test_layers_missing_some_tensors_are_all_listed_with_unquoted_messages():
     assert "\\'" not in message
 
 
-def test_nnx_model_loads_through_its_pure_dict_with_list_indices_as_torch_names():
+def nnx_net_pair():
+    """An NNX model with an ``nnx.List`` (conv, batch norm) and a head, and the same
+    torch model (``features.0``, ``features.1``, ``head``)."""
     from flax import nnx
 
     from jbn import nnx as jnnx
@@ -298,14 +300,20 @@ def test_nnx_model_loads_through_its_pure_dict_with_list_indices_as_torch_names(
             x = nnx.relu(self.features[1](self.features[0](x)))
             return self.head(x.mean(axis=(1, 2)))
 
-    torch.manual_seed(2)
     tmodel = tnn.Module()
     tmodel.features = tnn.Sequential(tnn.Conv2d(3, 4, 3, padding=1), tnn.BatchNorm2d(4))
     tmodel.head = tnn.Linear(4, 2)
+    return Net(), tmodel
+
+
+def test_nnx_model_loads_through_its_pure_dict_with_list_indices_as_torch_names():
+    from flax import nnx
+
+    torch.manual_seed(2)
+    model, tmodel = nnx_net_pair()
     x = torch.randn(4, 3, 6, 6) * 3 + 2
     tmodel.train()
     tmodel.features(x)  # running statistics away from their initial values
-    model = Net()
     graph, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     pure = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
     for name_map in (None, {"features.0": ("features", 0), "features.1": "features/1",
