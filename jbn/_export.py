@@ -14,13 +14,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
+from jbn._checks import to_numpy
 from jbn._frozen import FrozenBatchNorm2d
-from jbn._import import _text, flax_path, group_by_layer, layer_variables, leaves_not_in
+from jbn._import import (
+    _text,
+    check_pure,
+    flax_path,
+    group_by_layer,
+    layer_variables,
+    leaves_not_in,
+    torch_key,
+)
 from jbn._torch import to_torch_state_dict
 
 
-def _torch_weight(kernel: np.ndarray) -> np.ndarray:
+def _torch_weight(where: str, kernel: np.ndarray) -> np.ndarray:
     """Flax ``(in, out)`` / ``(*spatial, in, out)`` to PyTorch ``(out, in[, *spatial])``."""
+    if kernel.ndim < 2:
+        raise ValueError(f"{where}: a kernel of shape {kernel.shape} is not (..., in, out)")
     if kernel.ndim == 2:
         return kernel.T
     return kernel.transpose(kernel.ndim - 1, kernel.ndim - 2, *range(kernel.ndim - 2))
@@ -32,6 +43,11 @@ def _float32(value: Any) -> np.ndarray:
     return value.astype(np.float32) if value.dtype == jnp.bfloat16 else value
 
 
+def _named(where: str, error: Exception) -> Exception:
+    """``error`` of one layer's conversion, its message prefixed with the layer."""
+    return type(error)(f"{where}: {error.args[0] if error.args else error}")
+
+
 Source = tuple[str, str]  # (collection, variable name) in the Flax layer
 
 
@@ -40,12 +56,15 @@ def _export_layer(where: str, layer: dict[str, dict[str, Any]]
     """One Flax layer's variables as torch tensors: ``{torch name: (array, source)}``."""
     params, stats = layer.get("params", {}), layer.get("batch_stats", {})
     if "kernel" in params:  # nn.Conv, nn.Dense
-        out = {"weight": (_torch_weight(_float32(params["kernel"])), ("params", "kernel"))}
+        out = {"weight": (_torch_weight(where, _float32(params["kernel"])), ("params", "kernel"))}
         if "bias" in params:
             out["bias"] = (_float32(params["bias"]), ("params", "bias"))
         return out
     if "weight" in stats and "running_mean" in stats:  # FrozenBatchNorm2d
-        converted = FrozenBatchNorm2d.to_torch_state_dict({"batch_stats": stats})
+        try:
+            converted = FrozenBatchNorm2d.to_torch_state_dict({"batch_stats": stats})
+        except (KeyError, ValueError) as e:
+            raise _named(where, e) from e
         return {k: (v, ("batch_stats", k)) for k, v in converted.items()}
     if "scale" in params or "mean" in stats:  # flax.linen.BatchNorm
         renames = {("params", "scale"): "weight", ("params", "bias"): "bias",
@@ -56,7 +75,7 @@ def _export_layer(where: str, layer: dict[str, dict[str, Any]]
         try:
             converted = to_torch_state_dict(layer)
         except (KeyError, ValueError) as e:
-            raise type(e)(f"{where}: {e.args[0] if e.args else e}") from e
+            raise _named(where, e) from e
         return {k: (v, ("params" if k in params else "batch_stats", k))
                 for k, v in converted.items()}
     raise ValueError(
@@ -66,14 +85,21 @@ def _export_layer(where: str, layer: dict[str, dict[str, Any]]
     )
 
 
+def _on_meta(template: Any) -> bool:
+    """Whether ``template`` is a torch tensor on the ``meta`` device (a shape, no values)."""
+    return getattr(getattr(template, "device", None), "type", None) == "meta"
+
+
 def _like(value: np.ndarray, template: Any) -> Any:
-    """``value`` as the template's kind: a torch tensor of its dtype and device, or a
-    numpy array of its dtype."""
+    """``value`` as the template's kind: a torch tensor of its dtype and device (the
+    CPU for a template on the ``meta`` device, which holds no values), or a numpy
+    array of its dtype."""
     if hasattr(template, "detach"):  # torch.Tensor, without importing torch
         import torch
 
         tensor = torch.from_numpy(np.array(value, order="C"))  # a writable copy
-        return tensor.to(dtype=template.dtype, device=template.device)
+        device = "cpu" if _on_meta(template) else template.device
+        return tensor.to(dtype=template.dtype, device=device)
     return np.asarray(value).astype(np.asarray(template).dtype)
 
 
@@ -97,16 +123,23 @@ def export_torch_state_dict(
     - jbn's batch-norm modules through :func:`jbn.to_torch_state_dict`,
       :class:`jbn.FrozenBatchNorm2d` and ``flax.linen.BatchNorm`` (``scale``, ``bias``,
       ``mean``, ``var``) into ``BatchNorm*d``; where the Flax layer keeps no count (the
-      latter two), a ``num_batches_tracked`` in the template keeps its value.
+      latter two), a ``num_batches_tracked`` in the template keeps its value (a copy;
+      0 from a ``meta`` template), and where the torch layer keeps none
+      (torchvision's ``FrozenBatchNorm2d``, checkpoints before PyTorch 0.4.1), the
+      Flax count is left out, as loading such a layer starts it at 0.
 
-    A Flax NNX model exports from the same pure dict that it loads through (see
-    :func:`jbn.load_torch_state_dict`).
+    As for loading, a Flax ``nn.ConvTranspose`` is not told from a ``nn.Conv`` by its
+    variables: transposed convolutions (torch's weight ``(I, O, *spatial)``, a flipped
+    kernel) are not supported, and one whose shapes happen to fit would be exported
+    as a convolution; map them yourself. A Flax NNX model exports from the same pure
+    dict that it loads through (see :func:`jbn.load_torch_state_dict`).
 
     Args:
       variables: the Flax model's variables, e.g. ``{"params": ..., "batch_stats":
         ...}`` (boxed variables such as ``nn.Partitioned`` are unboxed).
       state_dict: ``torch_model.state_dict()``: its keys, shapes and dtypes (and,
-        for torch tensors, devices) are those of the result.
+        for torch tensors, devices; the CPU for ``meta`` tensors) are those of the
+        result.
       name_map: torch layer prefix -> Flax module path, as for
         :func:`jbn.load_torch_state_dict`; None maps every prefix to itself with
         ``.`` read as ``/``.
@@ -122,36 +155,50 @@ def export_torch_state_dict(
       ValueError: a converted value whose shape differs from the template's, or a
         Flax layer of a kind that does not convert.
     """
+    check_pure(variables)
     out: dict[str, Any] = {}
     used: set[tuple[str, str]] = set()
     unfilled: list[str] = []
     for prefix, tensors in group_by_layer(state_dict).items():
         path = flax_path(prefix, name_map)
         if path is None:
-            unfilled += [f"{prefix}.{k} (not in name_map)" for k in tensors]
+            unfilled += [f"{torch_key(prefix, k)} (not in name_map)" for k in tensors]
             continue
         keys, layer = layer_variables(variables, path)
         if not layer:
-            unfilled += [f"{prefix}.{k} (no Flax module at {_text(path)})" for k in tensors]
+            unfilled += [f"{torch_key(prefix, k)} (no Flax module at {_text(path)})"
+                         for k in tensors]
             continue
-        where = f"flax '{_text(path)}' -> torch '{prefix}'"
+        where = f"flax '{_text(path)}' -> torch '{prefix or 'the root'}'"
         values = _export_layer(where, layer)
+
+        def use(source: Source) -> None:
+            collection, variable = source
+            used.add((collection, _text((*(keys[collection] or ()), variable))))
+
         for name, template in tensors.items():
-            key = f"{prefix}.{name}" if prefix else name
+            key = torch_key(prefix, name)
             if name not in values:
                 if name == "num_batches_tracked":  # a layer without a count keeps torch's
-                    out[key] = template
+                    count = np.zeros((), np.int64) if _on_meta(template) else to_numpy(template)
+                    out[key] = _like(count, template)
                 else:
                     unfilled.append(key)
                 continue
-            value, (collection, variable) = values[name]
-            if value.shape != tuple(template.shape):
+            value, source = values.pop(name)
+            shape = tuple(np.shape(template))
+            if value.shape != shape:
+                replicated = (" (a leading device axis, as pmap's? take one copy: "
+                              "jax.tree.map(lambda a: a[0], variables))"
+                              if value.ndim == len(shape) + 1 else "")
                 raise ValueError(
                     f"shape mismatch: {where} gives '{key}' shape {value.shape} (after "
-                    f"conversion), the torch tensor has shape {tuple(template.shape)}"
+                    f"conversion), the torch tensor has shape {shape}{replicated}"
                 )
             out[key] = _like(value, template)
-            used.add((collection, _text((*(keys[collection] or ()), variable))))
+            use(source)
+        if "num_batches_tracked" in values and "num_batches_tracked" not in tensors:
+            use(values["num_batches_tracked"][1])  # a torch layer without a count
     not_taken = leaves_not_in(variables, used)
     if unfilled or not_taken:
         raise KeyError(

@@ -23,18 +23,26 @@ def _as_path(path: str | Sequence[str | int]) -> Path:
 
 
 def _text(path: Path) -> str:
-    return "/".join(map(str, path))
+    return "/".join(map(str, path)) or "the root"
+
+
+def torch_key(prefix: str, name: str) -> str:
+    """The ``state_dict`` key of tensor ``name`` in the torch layer ``prefix``."""
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _resolve(tree: Any, path: Path) -> Path | None:
     """``path`` with each name as ``tree`` keys it (``"0"`` is the integer key 0 of an
-    NNX list's children where there is no key ``"0"``), or None where it leads nowhere."""
+    NNX list's children where there is no key ``"0"``, and 0 the key ``"0"`` of such a
+    list's pure dict restored from a file), or None where it leads nowhere."""
     keys = []
     for name in path:
         if not isinstance(tree, Mapping):
             return None
         if name not in tree and isinstance(name, str) and name.isdigit() and int(name) in tree:
             name = int(name)
+        if name not in tree and isinstance(name, int) and str(name) in tree:
+            name = str(name)
         if name not in tree:
             return None
         keys.append(name)
@@ -121,7 +129,7 @@ def _convert_layer(
     )
 
 
-def _set(tree: dict[str, Any], path: Path, value: Any) -> None:
+def _set(tree: dict[Any, Any], path: Path, value: Any) -> None:
     """Sets the leaf at ``path``; a boxed leaf (``nn.Partitioned`` and other axis
     metadata) keeps its box around the new value."""
     for name in path[:-1]:
@@ -132,6 +140,21 @@ def _set(tree: dict[str, Any], path: Path, value: Any) -> None:
 
 def _copy(tree: Any) -> Any:
     return {k: _copy(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+def _from_nnx(value: Any) -> bool:
+    return type(value).__module__.startswith("flax.nnx")
+
+
+def check_pure(variables: Mapping[str, Any]) -> None:
+    """Raises a TypeError for an NNX state (``nnx.State``, ``nnx.Variable`` leaves) in
+    place of its pure dict, whose leaves would not match as arrays."""
+    if any(_from_nnx(v) for v in jax.tree.leaves(variables, is_leaf=_from_nnx)):
+        raise TypeError(
+            "variables hold NNX state (nnx.State or nnx.Variable); pass its pure dict: "
+            '{"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)} '
+            "with params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)[1:]"
+        )
 
 
 def group_by_layer(state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -223,6 +246,7 @@ def load_torch_state_dict(
         tensor their Flax layer needs; every offending name is listed.
       ValueError: a converted tensor whose shape differs from the Flax variable's.
     """
+    check_pure(variables)
     groups = group_by_layer({k: to_numpy(v) for k, v in state_dict.items()})
     out = _copy(variables)
     filled: set[tuple[str, str]] = set()
@@ -232,7 +256,7 @@ def load_torch_state_dict(
     for prefix, tensors in groups.items():
         path = flax_path(prefix, name_map)
         if path is None:
-            unused += [f"{prefix}.{k}" for k in tensors]
+            unused += [torch_key(prefix, k) for k in tensors]
             continue
         text = _text(path)
         if text in loaded_from:
@@ -241,7 +265,7 @@ def load_torch_state_dict(
         loaded_from[text] = prefix
         keys, template = layer_variables(variables, path)
         if not template:
-            unused += [f"{prefix}.{k} (no Flax module at {text})" for k in tensors]
+            unused += [f"{torch_key(prefix, k)} (no Flax module at {text})" for k in tensors]
             continue
         remaining = dict(tensors)
         try:
@@ -249,7 +273,7 @@ def load_torch_state_dict(
         except _IncompleteLayer as e:
             incomplete.append(e.args[0])
             continue
-        unused += [f"{prefix}.{k}" for k in remaining]
+        unused += [torch_key(prefix, k) for k in remaining]
         for (collection, name), value in converted.items():
             target = meta.unbox(template.get(collection, {}).get(name))
             where = f"{collection}/{text}/{name}"
@@ -262,7 +286,7 @@ def load_torch_state_dict(
                     f"shape mismatch: torch '{prefix}' gives {where} shape {value.shape} "
                     f"(after conversion), the Flax variable has shape {tuple(target.shape)}"
                 )
-            leaf = (*keys[collection], name)
+            leaf = (*(keys[collection] or ()), name)
             _set(out[collection], leaf, jnp.asarray(value, dtype=target.dtype))
             filled.add((collection, _text(leaf)))
     missing = leaves_not_in(variables, filled)

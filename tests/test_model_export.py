@@ -109,7 +109,7 @@ def test_flax_and_frozen_batch_norms_export_into_torch_batch_norms_keeping_torch
     variables = jax.tree.map(lambda v: jnp.asarray(rng.uniform(0.5, 2.0, v.shape), v.dtype),
                              variables)
     tmodel = tnn.Sequential()
-    tmodel.add_module("a", tnn.BatchNorm2d(3, eps=1e-6))  # flax's default epsilon
+    tmodel.add_module("a", tnn.BatchNorm2d(3))  # flax's default epsilon is torch's, 1e-5
     tmodel.add_module("b", tnn.BatchNorm2d(3))
     tmodel.a.num_batches_tracked.fill_(4)
     tmodel.load_state_dict(jbn.export_torch_state_dict(variables, tmodel.state_dict()))
@@ -177,3 +177,112 @@ def test_a_batch_norms_own_errors_name_the_layer():
     del variables["batch_stats"]["bn"]["running_var"]
     with pytest.raises(KeyError, match=r"flax 'bn' -> torch 'bn': .*missing \['running_var'\]"):
         jbn.export_torch_state_dict(variables, state_dict)
+
+
+def test_a_torch_model_built_on_the_meta_device_gets_cpu_tensors_with_values():
+    # Large torch models are often built on "meta" (shapes only) and loaded with assign=True.
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(4, (3, 3), padding=1, name="conv")(x)
+            x = nn.BatchNorm(use_running_average=True, name="flax_bn")(x)
+            return jbn.BatchNorm2d(4, axis=-1, name="bn")(x, False)
+
+    variables = Net().init(jax.random.key(0), jnp.ones((1, 6, 6, 3)))
+    rng = np.random.default_rng(4)
+    variables = jax.tree.map(lambda v: jnp.asarray(rng.uniform(0.5, 2.0, v.shape), v.dtype)
+                             if v.dtype == jnp.float32 else v + 3, variables)
+    with torch.device("meta"):
+        tmodel = tnn.Sequential()
+        tmodel.add_module("conv", tnn.Conv2d(3, 4, 3, padding=1))
+        tmodel.add_module("flax_bn", tnn.BatchNorm2d(4))
+        tmodel.add_module("bn", tnn.BatchNorm2d(4))
+    exported = jbn.export_torch_state_dict(variables, tmodel.state_dict())
+    assert {t.device.type for t in exported.values()} == {"cpu"}
+    tmodel.load_state_dict(exported, assign=True)
+    assert int(tmodel.bn.num_batches_tracked) == 3 and int(tmodel.flax_bn.num_batches_tracked) == 0
+    x = np.random.default_rng(5).normal(size=(2, 6, 6, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = tmodel.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    # Convolutions accumulate in different orders in XLA and PyTorch: against the scale.
+    np.testing.assert_allclose(Net().apply(variables, x).transpose(0, 3, 1, 2), expected,
+                               rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+
+
+class _TorchvisionFrozenBatchNorm2d(tnn.Module):
+    """torchvision.ops.FrozenBatchNorm2d's state: four buffers, no count."""
+
+    def __init__(self, n):
+        super().__init__()
+        for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
+                           ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((n,), fill))
+
+
+def test_a_torch_layer_without_a_count_round_trips_through_a_jbn_batch_norm():
+    # Detection backbones keep torchvision's frozen batch norm; fine-tuned in JAX with
+    # jbn.BatchNorm2d, the count has no place to go back to, as it had none to come from.
+    tmodel = tnn.Sequential(_TorchvisionFrozenBatchNorm2d(3))
+    with torch.no_grad():
+        for buffer in tmodel[0].buffers():
+            buffer.add_(torch.rand(3))
+    template = jbn.BatchNorm2d(3).init(jax.random.key(0), jnp.ones((2, 3, 4, 4)), train=False)
+    variables = jbn.load_torch_state_dict(template, tmodel.state_dict(), {"0": ""})
+    trained = {**variables, "batch_stats": {**variables["batch_stats"],
+                                            "num_batches_tracked": jnp.asarray(5, jnp.int32)}}
+    exported = jbn.export_torch_state_dict(trained, tmodel.state_dict(), {"0": ""})
+    assert list(exported) == ["0.weight", "0.bias", "0.running_mean", "0.running_var"]
+    for key, value in tmodel.state_dict().items():
+        np.testing.assert_array_equal(exported[key].numpy(), value.numpy())
+
+
+def test_a_kept_torch_count_is_a_copy_not_the_live_buffer():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.BatchNorm(use_running_average=True, axis=1, name="a")(x)
+
+    variables = Net().init(jax.random.key(0), jnp.ones((2, 3, 4, 4)))
+    tmodel = tnn.Sequential()
+    tmodel.add_module("a", tnn.BatchNorm2d(3))
+    exported = jbn.export_torch_state_dict(variables, tmodel.state_dict())
+    tmodel.train()(torch.randn(4, 3, 4, 4))
+    assert int(tmodel.a.num_batches_tracked) == 1 and int(exported["a.num_batches_tracked"]) == 0
+
+
+def test_messages_name_root_keys_frozen_layers_replicas_and_nnx_state():
+    from flax import nnx
+
+    bn_variables = jbn.BatchNorm2d(4).init(jax.random.key(0), jnp.ones((2, 4, 3, 3)), train=False)
+    with pytest.raises(KeyError, match=r"not filled: bias \(not in name_map\), num_batches"):
+        jbn.export_torch_state_dict(bn_variables, tnn.BatchNorm2d(4).state_dict(), {})
+    frozen = {"batch_stats": {"f": {"weight": jnp.ones(3), "bias": jnp.zeros(3),
+                                    "running_mean": jnp.zeros(4), "running_var": jnp.ones(3)}}}
+    with pytest.raises(ValueError, match=r"flax 'f' -> torch 'f': .*channels: \[3, 4\]"):
+        jbn.export_torch_state_dict(frozen, {f"f.{k}": torch.zeros(3) for k in
+                                             ("weight", "bias", "running_mean", "running_var")})
+    state_dict, template = _small_pair()
+    replicated = jax.tree.map(lambda v: v[None], jbn.load_torch_state_dict(template, state_dict))
+    with pytest.raises(ValueError, match=r"'conv.weight'.*leading device axis.*a\[0\]"):
+        jbn.export_torch_state_dict(replicated, state_dict)
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"nnx.to_pure_dict"):
+        jbn.export_torch_state_dict({"params": nnx.state(model, nnx.Param)},
+                                    {"weight": torch.zeros(3, 2), "bias": torch.zeros(3)}, {"": ""})
+    with pytest.raises(TypeError, match=r"nnx.to_pure_dict"):
+        jbn.load_torch_state_dict({"params": nnx.state(model, nnx.Param)},
+                                  {"weight": torch.zeros(3, 2), "bias": torch.zeros(3)}, {"": ""})
+
+
+def test_integer_paths_reach_the_string_keys_of_a_pure_dict_read_from_a_file():
+    # A pure dict written to JSON or msgpack and read back keys an nnx.List's children "0".
+    state_dict, template = _small_pair()
+    variables = jbn.load_torch_state_dict(template, state_dict)
+    as_read = {c: {"layers": {str(i): tree[name] for i, name in enumerate(("conv", "bn", "head"))
+                              if name in tree}} for c, tree in variables.items()}
+    name_map = {"conv": ("layers", 0), "bn": ("layers", 1), "head": ("layers", 2)}
+    exported = jbn.export_torch_state_dict(as_read, state_dict, name_map)
+    for key, value in state_dict.items():
+        np.testing.assert_array_equal(exported[key].numpy(), value.numpy())
+    loaded = jbn.load_torch_state_dict(as_read, state_dict, name_map)
+    jax.tree.map(np.testing.assert_array_equal, loaded, as_read)
