@@ -17,12 +17,12 @@ from flax.core import meta
 from jbn._checks import to_numpy
 from jbn._frozen import FrozenBatchNorm2d
 from jbn._import import (
-    _text,
     check_pure,
     flax_path,
     group_by_layer,
     layer_variables,
     leaves_not_in,
+    path_text,
     torch_key,
 )
 from jbn._torch import to_torch_state_dict
@@ -166,15 +166,15 @@ def export_torch_state_dict(
             continue
         keys, layer = layer_variables(variables, path)
         if not layer:
-            unfilled += [f"{torch_key(prefix, k)} (no Flax module at {_text(path)})"
+            unfilled += [f"{torch_key(prefix, k)} (no Flax module at {path_text(path)})"
                          for k in tensors]
             continue
-        where = f"flax '{_text(path)}' -> torch '{prefix or 'the root'}'"
+        where = f"flax '{path_text(path)}' -> torch '{prefix or 'the root'}'"
         values = _export_layer(where, layer)
 
         def use(source: Source) -> None:
             collection, variable = source
-            used.add((collection, _text((*(keys[collection] or ()), variable))))
+            used.add((collection, path_text((*(keys[collection] or ()), variable))))
 
         for name, template in tensors.items():
             key = torch_key(prefix, name)

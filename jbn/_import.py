@@ -22,7 +22,8 @@ def _as_path(path: str | Sequence[str | int]) -> Path:
     return tuple(p for p in path.split("/") if p) if isinstance(path, str) else tuple(path)
 
 
-def _text(path: Path) -> str:
+def path_text(path: Path) -> str:
+    """A module path as the messages show it: ``a/b/0``, or ``the root``."""
     return "/".join(map(str, path)) or "the root"
 
 
@@ -87,7 +88,7 @@ def _convert_layer(
 ) -> dict[tuple[str, str], Any]:
     """One layer's torch tensors as ``{(collection, name): array}`` for the Flax layer."""
     params, stats = template.get("params", {}), template.get("batch_stats", {})
-    where = f"torch '{prefix}' -> flax '{_text(path)}'"
+    where = f"torch '{prefix}' -> flax '{path_text(path)}'"
     if "kernel" in params:
         out = {}
         if "weight" in tensors and tensors["weight"].ndim < 2:
@@ -192,7 +193,7 @@ def leaves_not_in(variables: Mapping[str, Any], done: set[tuple[str, str]]) -> l
         for c in variables
         for kp, _ in jax.tree_util.tree_flatten_with_path(
             variables[c], is_leaf=lambda v: isinstance(v, meta.AxisMetadata))[0]
-        if (c, leaf_text := _text(tuple(getattr(k, "key", k) for k in kp))) not in done
+        if (c, leaf_text := path_text(tuple(getattr(k, "key", k) for k in kp))) not in done
     ]
 
 
@@ -258,7 +259,7 @@ def load_torch_state_dict(
         if path is None:
             unused += [torch_key(prefix, k) for k in tensors]
             continue
-        text = _text(path)
+        text = path_text(path)
         if text in loaded_from:
             raise KeyError(f"torch layers '{loaded_from[text]}' and '{prefix}' both map "
                            f"to flax '{text}': one would overwrite the other")
@@ -288,7 +289,7 @@ def load_torch_state_dict(
                 )
             leaf = (*(keys[collection] or ()), name)
             _set(out[collection], leaf, jnp.asarray(value, dtype=target.dtype))
-            filled.add((collection, _text(leaf)))
+            filled.add((collection, path_text(leaf)))
     missing = leaves_not_in(variables, filled)
     if unused or missing or incomplete:
         raise KeyError(

@@ -132,9 +132,10 @@ class _BatchNorm(nnx.Module):
                 variable.set_value(jnp.full(variable.shape, fill, variable.dtype))
 
     def reset_parameters(self) -> None:
-        """The running statistics as :meth:`reset_running_stats`, ``weight`` to ones, ``bias`` to zeros.
+        """Resets as torch's method does: all variables to their initial values.
 
-        The initial values, as torch's method sets them.
+        The running statistics as :meth:`reset_running_stats`, ``weight`` to ones and
+        ``bias`` to zeros.
         """
         self.reset_running_stats()
         if self.affine:

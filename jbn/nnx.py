@@ -1,9 +1,10 @@
 """PyTorch-exact batch normalization as Flax NNX modules.
 
 ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d`` and ``SyncBatchNorm`` take the linen
-modules' fields but ``train`` (see :mod:`jbn`) as constructor arguments and hold ``weight``/``bias`` as
-``nnx.Param`` and ``running_mean``/``running_var``/``num_batches_tracked`` as
-``nnx.BatchStat``; ``model.train()``/``model.eval()`` switch the mode.
+modules' fields but ``train`` (see :mod:`jbn`) as constructor arguments and hold
+``weight``/``bias`` as ``nnx.Param`` and ``running_mean``/``running_var``/
+``num_batches_tracked`` as ``nnx.BatchStat``; ``model.train()``/``model.eval()`` switch
+the mode.
 """
 
 from jbn._nnx import BatchNorm1d as BatchNorm1d

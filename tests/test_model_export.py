@@ -114,8 +114,10 @@ def test_flax_and_frozen_batch_norms_export_into_torch_batch_norms_keeping_torch
     tmodel.a.num_batches_tracked.fill_(4)
     tmodel.load_state_dict(jbn.export_torch_state_dict(variables, tmodel.state_dict()))
     assert int(tmodel.a.num_batches_tracked) == 4 and int(tmodel.b.num_batches_tracked) == 0
-    np.testing.assert_array_equal(tmodel.a.weight.detach().numpy(), variables["params"]["a"]["scale"])
-    np.testing.assert_array_equal(tmodel.a.running_var.numpy(), variables["batch_stats"]["a"]["var"])
+    np.testing.assert_array_equal(tmodel.a.weight.detach().numpy(),
+                                  variables["params"]["a"]["scale"])
+    np.testing.assert_array_equal(tmodel.a.running_var.numpy(),
+                                  variables["batch_stats"]["a"]["var"])
     tmodel.eval()
     with torch.no_grad():
         expected = tmodel(torch.from_numpy(x)).numpy()
