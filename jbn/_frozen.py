@@ -15,6 +15,28 @@ from jbn._batch_norm import batch_norm
 from jbn._torch import from_torch_state_dict, to_torch_state_dict
 
 FROZEN_KEYS = ("weight", "bias", "running_mean", "running_var")
+# torchvision's initial values of the four tensors.
+FROZEN_INITS = {"weight": jnp.ones, "bias": jnp.zeros, "running_mean": jnp.zeros,
+                "running_var": jnp.ones}
+
+
+def frozen_batch_norm(tensors: Mapping[str, jax.Array], x: jax.Array, *, axis: int,
+                      eps: float) -> jax.Array:
+    """``(x - running_mean) / sqrt(running_var + eps) * weight + bias`` per channel.
+
+    Args:
+      tensors: the four ``(C,)`` tensors of :data:`FROZEN_KEYS`; no gradient reaches them.
+      x: batched input with C channels on ``axis``.
+
+    Returns:
+      ``y``, of ``x``'s shape and dtype.
+    """
+    fixed = {k: jax.lax.stop_gradient(tensors[k]) for k in FROZEN_KEYS}
+    state = {"running_mean": fixed["running_mean"], "running_var": fixed["running_var"],
+             "num_batches_tracked": jnp.zeros((), jnp.int32)}
+    params = {"weight": fixed["weight"], "bias": fixed["bias"]}
+    y, _ = batch_norm(params, state, x, False, axis=axis, eps=eps)
+    return y
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -66,18 +88,9 @@ class FrozenBatchNorm2d(nn.Module):
         x, _, unbatched = _checks.module_batch(
             x, None, self._batched_ranks, self._unbatched_rank, self.axis, self.num_features,
             one_value_raises=False)
-        c = self.num_features
-        inits = {"weight": jnp.ones, "bias": jnp.zeros, "running_mean": jnp.zeros,
-                 "running_var": jnp.ones}
-        tensors = {
-            k: jax.lax.stop_gradient(
-                self.variable("batch_stats", k, inits[k], (c,), jnp.float32).value)
-            for k in FROZEN_KEYS
-        }
-        state = {"running_mean": tensors["running_mean"], "running_var": tensors["running_var"],
-                 "num_batches_tracked": jnp.zeros((), jnp.int32)}
-        params = {"weight": tensors["weight"], "bias": tensors["bias"]}
-        y, _ = batch_norm(params, state, x, False, axis=self.axis, eps=self.eps)
+        tensors = {k: self.variable("batch_stats", k, FROZEN_INITS[k], (self.num_features,),
+                                    jnp.float32).value for k in FROZEN_KEYS}
+        y = frozen_batch_norm(tensors, x, axis=self.axis, eps=self.eps)
         return y[0] if unbatched else y
 
     @staticmethod

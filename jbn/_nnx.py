@@ -11,6 +11,7 @@ from jax.typing import DTypeLike
 
 from jbn import _checks
 from jbn._batch_norm import at_least_float32, batch_norm
+from jbn._frozen import FROZEN_INITS, FROZEN_KEYS, frozen_batch_norm
 from jbn._recalibrate import MOMENTUM_OVERRIDE
 from jbn._typing import Array
 
@@ -241,6 +242,58 @@ class SyncBatchNorm(_BatchNorm):
     """
 
     _requires_axis_name: ClassVar[bool] = True
+
+
+class FrozenBatchNorm2d(nnx.Module):
+    """``torchvision.ops.FrozenBatchNorm2d`` for NNX: batch norm whose four tensors never change.
+
+    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` in training
+    and evaluation alike, as :class:`jbn.FrozenBatchNorm2d`: no batch statistics, no
+    update, no gradient to the tensors. As torchvision keeps them as buffers, they are
+    ``nnx.BatchStat`` variables, which an ``nnx.Optimizer(model, tx, wrt=nnx.Param)``
+    never sees. Input ``(N, C, H, W)`` (``axis=-1``: ``(N, H, W, C)``); an unbatched
+    ``(C, H, W)`` sample is accepted as a batch of one.
+
+    Attributes:
+      weight, bias, running_mean, running_var: ``nnx.BatchStat`` ``(C,)`` float32, ones,
+        zeros, zeros and ones; their pure dict loads from and exports to a torch
+        ``state_dict`` with :func:`jbn.load_torch_state_dict` and
+        :func:`jbn.export_torch_state_dict`.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, axis: int = 1, *,
+                 rngs: nnx.Rngs | None = None) -> None:
+        """Creates the four tensors as torchvision does.
+
+        Args:
+          num_features: C, the number of channels.
+          eps: added to the variance (torchvision's default ``1e-5``).
+          axis: the channel axis: 1 for PyTorch's NCHW, -1 for NHWC.
+          rngs: accepted for signature compatibility with NNX layers; unused.
+        """
+        del rngs
+        self.num_features = _checks.check_num_features(num_features)
+        self.eps = _checks.check_eps(eps)
+        self.axis = axis
+        for k in FROZEN_KEYS:
+            setattr(self, k, nnx.BatchStat(FROZEN_INITS[k]((self.num_features,), jnp.float32)))
+
+    def __call__(self, x: Array, *, train: bool | None = None) -> jax.Array:
+        """Normalizes ``x`` with the fixed tensors; ``train`` is accepted and ignored.
+
+        Args:
+          x: ``(N, C, H, W)`` or ``(C, H, W)`` (channels on ``axis``), floating.
+          train: ignored (the layer behaves the same in both modes).
+
+        Returns:
+          ``y``, of ``x``'s shape and dtype.
+        """
+        del train
+        x, _, unbatched = _checks.module_batch(x, None, (4,), 3, self.axis, self.num_features,
+                                               one_value_raises=False)
+        y = frozen_batch_norm({k: getattr(self, k)[...] for k in FROZEN_KEYS}, x,
+                              axis=self.axis, eps=self.eps)
+        return y[0] if unbatched else y
 
 
 for _cls in (_BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm):

@@ -125,3 +125,55 @@ def test_exports_a_state_dict_that_torch_loads_back_to_the_same_output():
     replicated = jax.tree.map(lambda v: jnp.stack([v, v]), variables)
     with pytest.raises(ValueError, match=r"\(C,\).*device axis"):
         jbn.FrozenBatchNorm2d.to_torch_state_dict(replicated)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_nnx_layer_loads_from_torch_equals_it_and_exports_back(axis):
+    from flax import nnx
+
+    tbn = _trained_torch_bn()
+    x = _x()
+    expected = tbn(torch.from_numpy(x)).detach().numpy()
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.bn = jbn.nnx.FrozenBatchNorm2d(4, axis=axis)
+
+        def __call__(self, x):
+            return self.bn(x, train=True)  # the mode changes nothing
+
+    model = Net()
+    _, stats = nnx.split(model, nnx.BatchStat)
+    loaded = jbn.load_torch_state_dict({"batch_stats": nnx.to_pure_dict(stats)}, tbn.state_dict(),
+                                       {"": "bn"})
+    nnx.update(model, loaded["batch_stats"])
+    x_in = x if axis == 1 else x.transpose(0, 2, 3, 1)
+    y = np.asarray(nnx.jit(lambda m, x: m(x))(model, x_in))
+    np.testing.assert_allclose(y if axis == 1 else y.transpose(0, 3, 1, 2), expected,
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(model.bn(x_in[0]), y[0], rtol=1e-6, atol=1e-6)  # unbatched
+    fresh = torch.nn.BatchNorm2d(4)
+    fresh.load_state_dict(jbn.export_torch_state_dict(
+        {"batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))}, fresh.state_dict(),
+        {"": "bn"}))
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        np.testing.assert_array_equal(getattr(fresh, key).detach().numpy(),
+                                      getattr(tbn, key).detach().numpy())
+
+
+def test_nnx_layer_has_no_parameters_and_passes_the_input_gradient_only():
+    from flax import nnx
+
+    layer = jbn.nnx.FrozenBatchNorm2d(4)
+    for key, value in (("running_var", np.full(4, 4.0, np.float32)),
+                       ("weight", np.full(4, 3.0, np.float32))):
+        getattr(layer, key).set_value(jnp.asarray(value))
+    assert nnx.state(layer, nnx.Param) == nnx.State({})
+    grad = jax.grad(lambda x: layer(x).sum())(jnp.asarray(_x()))
+    # d y / d x = weight / sqrt(running_var + eps), per channel
+    np.testing.assert_allclose(grad, np.full(_x().shape, 3.0 / np.sqrt(4.0 + 1e-5)), rtol=1e-6)
+    tensors = jax.grad(lambda s: nnx.merge(*nnx.split(layer)[:1], s)(jnp.asarray(_x())).sum())(
+        nnx.state(layer))
+    assert all(float(jnp.abs(v).max()) == 0.0 for v in jax.tree.leaves(tensors))
+    with pytest.raises(ValueError, match=r"expected 3D or 4D input \(got 2D input\)"):
+        layer(jnp.ones((2, 4)))
