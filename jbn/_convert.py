@@ -1,12 +1,20 @@
-"""``convert_sync_batchnorm``: PyTorch's ``SyncBatchNorm.convert_sync_batchnorm`` for linen."""
+"""``convert_sync_batchnorm``: PyTorch's ``SyncBatchNorm.convert_sync_batchnorm`` for Flax."""
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import flax.linen as nn
 
 from jbn._linen import _BatchNorm
+
+if TYPE_CHECKING:
+    from flax import nnx
+
+    NnxModule = TypeVar("NnxModule", bound=nnx.Module)
+else:
+    NnxModule = TypeVar("NnxModule")
 
 
 class _SyncConverted(nn.Module):
@@ -50,9 +58,13 @@ class _SyncConverted(nn.Module):
             return self.model(*args, **kwargs)
 
 
-def convert_sync_batchnorm(
-    model: nn.Module, axis_name: Any, axis_index_groups: Any = None
-) -> nn.Module:
+@overload
+def convert_sync_batchnorm(model: nn.Module, axis_name: Any,
+                           axis_index_groups: Any = None) -> nn.Module: ...
+@overload
+def convert_sync_batchnorm(model: NnxModule, axis_name: Any,
+                           axis_index_groups: Any = None) -> NnxModule: ...
+def convert_sync_batchnorm(model: Any, axis_name: Any, axis_index_groups: Any = None) -> Any:
     """Returns ``model`` with every jbn batch-norm layer synchronized over ``axis_name``.
 
     Mirrors ``torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)``:
@@ -70,15 +82,20 @@ def convert_sync_batchnorm(
     ``jax.pmap``, ``shard_map`` or ``jax.vmap`` that binds ``axis_name``; outside such a
     map, training raises a ``NameError`` naming the axis.
 
+    A Flax NNX model (``jbn.nnx`` layers) is converted in place and returned: its
+    layers built without an ``axis_name`` take this one (a later conversion sets it
+    again), and ``nnx.split``/``nnx.merge`` carry it as any attribute.
+
     Args:
-      model: a linen model (unbound) that uses jbn batch-norm layers.
+      model: a linen model (unbound) or an NNX model that uses jbn batch-norm layers.
       axis_name: the mapped axis to synchronize over, e.g. ``"batch"``.
       axis_index_groups: optional groups of device indices along ``axis_name`` that
         share statistics (``pmap`` only), like PyTorch's ``process_group``.
 
     Returns:
-      A linen module; ``converted.init(key, *args)`` and ``converted.apply(variables,
-      *args, mutable=["batch_stats"])`` take ``model.__call__``'s arguments.
+      For linen, a linen module: ``converted.init(key, *args)`` and
+      ``converted.apply(variables, *args, mutable=["batch_stats"])`` take
+      ``model.__call__``'s arguments. For NNX, ``model`` itself.
 
     Example::
 
@@ -90,8 +107,14 @@ def convert_sync_batchnorm(
         raise ValueError(
             "convert_sync_batchnorm needs axis_name, the mapped axis to synchronize over"
         )
+    nnx = sys.modules.get("flax.nnx")  # an NNX model means flax.nnx was imported
+    if nnx is not None and isinstance(model, nnx.Module):
+        from jbn._nnx import convert_sync_batchnorm as convert_nnx
+
+        return convert_nnx(model, axis_name, axis_index_groups)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a flax.linen or flax.nnx Module, got {type(model).__name__}")
     if isinstance(model, _SyncConverted):
         model = model.model
     return _SyncConverted(model, axis_name, axis_index_groups)

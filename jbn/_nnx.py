@@ -99,6 +99,9 @@ class _BatchNorm(nnx.Module):
         self.axis = axis
         self.axis_name = axis_name
         self.axis_index_groups = axis_index_groups
+        # Whether the layer was built synchronized; convert_sync_batchnorm sets the
+        # axis of the others, and sets it again on a later conversion.
+        self._built_synced = axis_name is not None
         self.dtype = _checks.check_dtype(dtype, "dtype")
         self.param_dtype = _checks.check_dtype(param_dtype, "param_dtype")
         self.use_running_average = bool(use_running_average)
@@ -242,6 +245,25 @@ class SyncBatchNorm(_BatchNorm):
     """
 
     _requires_axis_name: ClassVar[bool] = True
+
+
+def convert_sync_batchnorm(model: nnx.Module, axis_name: Any,
+                           axis_index_groups: Any = None) -> nnx.Module:
+    """Synchronizes an NNX model's jbn batch-norm layers over ``axis_name``, in place.
+
+    The NNX form of :func:`jbn.convert_sync_batchnorm` (which calls it for NNX
+    models): every ``jbn.nnx`` batch-norm layer in ``model`` built without an
+    ``axis_name`` takes ``axis_name`` and ``axis_index_groups``; a later conversion
+    sets them again, and layers built with an ``axis_name`` keep theirs.
+
+    Returns:
+      ``model`` itself, its layers converted.
+    """
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, _BatchNorm) and not module._built_synced:
+            module.axis_name = axis_name
+            module.axis_index_groups = axis_index_groups
+    return model
 
 
 class FrozenBatchNorm2d(nnx.Module):

@@ -267,6 +267,29 @@ def test_sync_batch_norm_under_vmap_equals_torch_on_the_global_batch():
                                RTOL, ATOL)
 
 
+def test_converted_nnx_model_under_vmap_equals_torch_on_the_global_batch():
+    devices, shape = 4, (3, 3, 5)  # per device (N, C, L)
+    xs = _batches((devices, *shape), 1)[0]
+    model = nnx.Sequential(jnnx.BatchNorm1d(3), jnnx.BatchNorm1d(3, axis_name="own"))
+    assert jbn.convert_sync_batchnorm(model, "first") is model
+    converted = jbn.convert_sync_batchnorm(model, "d")  # the last conversion's axis
+    assert model.layers[1].axis_name == "own"
+    graphdef, state = nnx.split(converted)
+
+    def step(state, x):
+        m = nnx.merge(graphdef, state)
+        return m.layers[0](x), nnx.state(m)
+
+    ys, new_states = jax.vmap(step, in_axes=(None, 0), axis_name="d")(state, jnp.asarray(xs))
+    tbn = torch.nn.BatchNorm1d(3)
+    ty = tbn(torch.from_numpy(xs.reshape(devices * shape[0], *shape[1:]))).detach().numpy()
+    np.testing.assert_allclose(ys.reshape(ty.shape), ty, RTOL, ATOL)
+    np.testing.assert_allclose(new_states["layers"][0]["running_var"][...][0],
+                               tbn.running_var.numpy(), RTOL, ATOL)
+    with pytest.raises(TypeError, match="flax.linen or flax.nnx Module"):
+        jbn.convert_sync_batchnorm(lambda x: x, "d")
+
+
 def test_gradients_match_torch():
     x = _batches((6, 3, 4), 1)[0]
     bn = jnnx.BatchNorm1d(3)
