@@ -300,6 +300,14 @@ class FrozenBatchNorm2d(nnx.Module):
         for k in FROZEN_KEYS:
             setattr(self, k, nnx.BatchStat(FROZEN_INITS[k]((self.num_features,), jnp.float32)))
 
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Accepts ``nnx.view(model, use_running_average=...)`` and changes nothing.
+
+        So that a model whose batch norms are all frozen takes the same mode switch
+        as one with :class:`BatchNorm2d` layers.
+        """
+        del use_running_average
+
     def __call__(self, x: Array, *, train: bool | None = None) -> jax.Array:
         """Normalizes ``x`` with the fixed tensors; ``train`` is accepted and ignored.
 

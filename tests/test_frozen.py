@@ -177,3 +177,20 @@ def test_nnx_layer_has_no_parameters_and_passes_the_input_gradient_only():
     assert all(float(jnp.abs(v).max()) == 0.0 for v in jax.tree.leaves(tensors))
     with pytest.raises(ValueError, match=r"expected 3D or 4D input \(got 2D input\)"):
         layer(jnp.ones((2, 4)))
+
+
+def test_nnx_model_of_frozen_layers_takes_the_mode_switches_of_batch_norm_models():
+    # Fine-tuning detection backbones swaps every BatchNorm2d for the frozen layer; the
+    # training loop's nnx.view and eval()/train() must keep working, and change nothing.
+    from flax import nnx
+
+    model = nnx.Sequential(jbn.nnx.FrozenBatchNorm2d(4), jbn.nnx.FrozenBatchNorm2d(4))
+    model.layers[0].running_var.set_value(jnp.full(4, 4.0))
+    x = jnp.asarray(_x())
+    y = model(x)
+    for switched in (nnx.view(model, use_running_average=True),
+                     nnx.view(model, use_running_average=False)):
+        np.testing.assert_array_equal(switched(x), y)
+    model.eval()
+    np.testing.assert_array_equal(model(x), y)
+    np.testing.assert_allclose(y, x / np.sqrt(4.0 + 1e-5) / np.sqrt(1.0 + 1e-5), rtol=1e-6)
