@@ -15,6 +15,8 @@ from jbn._batch_norm import batch_norm
 from jbn._torch import from_torch_state_dict, to_torch_state_dict
 
 FROZEN_KEYS = ("weight", "bias", "running_mean", "running_var")
+# Accepted input ranks: (N, C, H, W), and the unbatched (C, H, W) as a batch of one.
+FROZEN_BATCHED_RANKS, FROZEN_UNBATCHED_RANK = (4,), 3
 # torchvision's initial values of the four tensors.
 FROZEN_INITS = {"weight": jnp.ones, "bias": jnp.zeros, "running_mean": jnp.zeros,
                 "running_var": jnp.ones}
@@ -64,8 +66,8 @@ class FrozenBatchNorm2d(nn.Module):
     eps: float = 1e-5
     axis: int = 1
 
-    _batched_ranks: ClassVar[tuple[int, ...]] = (4,)
-    _unbatched_rank: ClassVar[int] = 3
+    _batched_ranks: ClassVar[tuple[int, ...]] = FROZEN_BATCHED_RANKS
+    _unbatched_rank: ClassVar[int] = FROZEN_UNBATCHED_RANK
 
     def __post_init__(self) -> None:
         _checks.check_num_features(self.num_features)

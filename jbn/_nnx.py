@@ -11,7 +11,13 @@ from jax.typing import DTypeLike
 
 from jbn import _checks
 from jbn._batch_norm import at_least_float32, batch_norm
-from jbn._frozen import FROZEN_INITS, FROZEN_KEYS, frozen_batch_norm
+from jbn._frozen import (
+    FROZEN_BATCHED_RANKS,
+    FROZEN_INITS,
+    FROZEN_KEYS,
+    FROZEN_UNBATCHED_RANK,
+    frozen_batch_norm,
+)
 from jbn._recalibrate import MOMENTUM_OVERRIDE
 from jbn._typing import Array
 
@@ -319,8 +325,9 @@ class FrozenBatchNorm2d(nnx.Module):
           ``y``, of ``x``'s shape and dtype.
         """
         del train
-        x, _, unbatched = _checks.module_batch(x, None, (4,), 3, self.axis, self.num_features,
-                                               one_value_raises=False)
+        x, _, unbatched = _checks.module_batch(
+            x, None, FROZEN_BATCHED_RANKS, FROZEN_UNBATCHED_RANK, self.axis, self.num_features,
+            one_value_raises=False)
         y = frozen_batch_norm({k: getattr(self, k)[...] for k in FROZEN_KEYS}, x,
                               axis=self.axis, eps=self.eps)
         return y[0] if unbatched else y
